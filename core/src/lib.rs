@@ -1,0 +1,15 @@
+//! The functional core of `dispatched`: plain Rust, no Postgres.
+//!
+//! * [`definition`]: the workflow definition format, parsed and validated with JSON paths
+//! * [`duration`]: `500ms`, `30s`, `10m`, `2h`, `1d`, `14 days`
+//! * [`expr`]: the `{{ ... }}` expression language
+//! * [`hash`]: invocation ids and cache keys
+//! * [`keys`]: idempotency keys, names, run ids
+//! * [`rules`]: what an HTTP status means (for steps and for the Layer 1 cache)
+
+pub mod definition;
+pub mod duration;
+pub mod expr;
+pub mod hash;
+pub mod keys;
+pub mod rules;
