@@ -1,1 +1,42 @@
+//! `dispatched`: durable HTTP workflows inside PostgreSQL.
+//!
+//! The imperative shell. The rules live in the `dispatched-core` crate (`core/`); the schema
+//! and the SQL API in `sql/`; this crate holds the settings, shared memory and the Rust
+//! functions the SQL calls.
 
+use pgrx::prelude::*;
+
+pgrx::pg_module_magic!();
+
+mod api;
+mod settings;
+mod shmem;
+
+#[cfg(any(test, feature = "pg_test"))]
+#[path = "../pgrx-tests/mod.rs"]
+#[pg_schema]
+mod tests;
+
+extension_sql_file!("../sql/tables.sql", name = "tables", bootstrap);
+extension_sql_file!("../sql/workflows.sql", name = "workflows");
+extension_sql_file!("../sql/runs.sql", name = "runs");
+extension_sql_file!("../sql/idempotency.sql", name = "idempotency");
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::install();
+    }
+}
+
+/// Settings for `cargo pgrx test`: preload the library like a real installation.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'dispatched'"]
+    }
+}

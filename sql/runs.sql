@@ -1,0 +1,310 @@
+-- Runs: start, read, wait for, signal and cancel. A role sees only the runs it started
+-- (its tenant); superusers see every run.
+
+-- Starts a run of the latest version of a workflow. Transactional: the run exists and is
+-- due only once the caller commits. With an idempotency key, the same key (per tenant)
+-- always returns the same run id and never starts a second run, also under concurrent
+-- callers; the same key with another workflow or input raises 23505 idempotency_key_reused.
+CREATE FUNCTION dispatched.start_run(
+    workflow        text,
+    input           jsonb    DEFAULT '{}',
+    idempotency_key text     DEFAULT NULL,
+    delay           interval DEFAULT NULL
+)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_tenant   text := dispatched._caller();
+    v_input    jsonb := coalesce($2, '{}'::jsonb);
+    v_version  integer;
+    v_id       text;
+    v_existing record;
+    v_due      timestamptz;
+BEGIN
+    IF $1 IS NULL THEN
+        RAISE EXCEPTION 'workflow: required' USING ERRCODE = '22023';
+    END IF;
+    IF $3 IS NOT NULL THEN
+        PERFORM dispatched._check_key('idempotency_key', $3);
+    END IF;
+    IF $4 IS NOT NULL AND $4 < interval '0' THEN
+        RAISE EXCEPTION 'delay: must not be negative, got %', $4 USING ERRCODE = '22023';
+    END IF;
+
+    SELECT max(w.version) INTO v_version FROM dispatched.workflows w WHERE w.name = $1;
+    IF v_version IS NULL THEN
+        RAISE EXCEPTION 'workflow "%" does not exist', $1
+            USING ERRCODE = '42704',
+                  HINT = 'Define it first with dispatched.define_workflow(name, definition).';
+    END IF;
+
+    IF NOT dispatched._preloaded()
+       AND current_setting('dispatched_session.warned_no_worker', true) IS DISTINCT FROM 'on' THEN
+        RAISE WARNING 'dispatched is not in shared_preload_libraries: runs are stored, but no worker will run them'
+            USING HINT = 'Add dispatched to shared_preload_libraries and restart PostgreSQL.';
+        PERFORM set_config('dispatched_session.warned_no_worker', 'on', false);
+    END IF;
+
+    v_id := dispatched._new_run_id();
+    INSERT INTO dispatched.runs (id, tenant, workflow, version, input, idempotency_key)
+    VALUES (v_id, v_tenant, $1, v_version, v_input, $3)
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+
+    IF NOT FOUND THEN
+        -- The key names an existing run (committed, or committed while we waited for it).
+        SELECT r.id, r.workflow, r.input INTO v_existing
+          FROM dispatched.runs r
+         WHERE r.tenant = v_tenant AND r.idempotency_key = $3;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'could not start run: a concurrent run with idempotency key "%" is not visible to this transaction', $3
+                USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+        END IF;
+        IF v_existing.workflow IS DISTINCT FROM $1 OR v_existing.input IS DISTINCT FROM v_input THEN
+            RAISE EXCEPTION 'idempotency_key_reused: key "%" already started run % with another workflow or input', $3, v_existing.id
+                USING ERRCODE = '23505';
+        END IF;
+        RETURN v_existing.id;
+    END IF;
+
+    v_due := CASE WHEN $4 IS NULL THEN now() ELSE clock_timestamp() + $4 END;
+    INSERT INTO dispatched.tasks (run_id, due_at) VALUES (v_id, v_due);
+    INSERT INTO dispatched.events (run_id, type, data)
+    VALUES (v_id, 'run.started', jsonb_strip_nulls(jsonb_build_object(
+        'workflow', $1, 'version', v_version, 'input', v_input,
+        'idempotency_key', $3, 'not_before', CASE WHEN $4 IS NULL THEN NULL ELSE v_due END)));
+    PERFORM dispatched._wake_workers_at_commit();
+    RETURN v_id;
+END;
+$$;
+
+-- The run document, or NULL for an unknown run.
+CREATE FUNCTION dispatched.run(run_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v jsonb;
+BEGIN
+    SELECT jsonb_build_object(
+        'id', r.id,
+        'workflow', r.workflow,
+        'version', r.version,
+        'status', r.status,
+        'input', r.input,
+        'output', r.output,
+        'error', r.error,
+        'parent', r.parent,
+        'idempotency_key', r.idempotency_key,
+        'tenant', r.tenant,
+        'steps', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'id', d.step ->> 'id',
+                       'status', coalesce(s.status, 'pending'),
+                       'attempt', coalesce(s.attempt, 0),
+                       'response', s.response,
+                       'signal', s.signal,
+                       'error', s.error,
+                       'started_at', s.started_at,
+                       'finished_at', s.finished_at) ORDER BY d.n)
+              FROM jsonb_array_elements(w.definition -> 'steps') WITH ORDINALITY AS d (step, n)
+              LEFT JOIN dispatched.steps s ON s.run_id = r.id AND s.idx = d.n - 1
+        ), '[]'::jsonb),
+        'created_at', r.created_at,
+        'updated_at', r.updated_at,
+        'finished_at', r.finished_at)
+      INTO v
+      FROM dispatched.runs r
+      JOIN dispatched.workflows w ON w.name = r.workflow AND w.version = r.version
+     WHERE r.id = $1
+       AND (r.tenant = dispatched._caller() OR dispatched._caller_is_superuser());
+    RETURN v;
+END;
+$$;
+
+-- The run's output once completed; {"message":"not ready"} while it is not finished;
+-- {"message":"not found"} for an unknown run; the error document when failed or cancelled.
+CREATE FUNCTION dispatched.output(run_id text)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+BEGIN
+    SELECT x.status, x.output, x.error INTO r
+      FROM dispatched.runs x
+     WHERE x.id = $1
+       AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser());
+    IF NOT FOUND THEN
+        RETURN '{"message": "not found"}'::jsonb;
+    END IF;
+    RETURN CASE r.status
+        WHEN 'completed' THEN coalesce(r.output, 'null'::jsonb)
+        WHEN 'failed' THEN r.error
+        WHEN 'cancelled' THEN r.error
+        ELSE '{"message": "not ready"}'::jsonb
+    END;
+END;
+$$;
+
+-- Waits until the run finishes, then answers as output(); {"message":"not ready"} when the
+-- timeout passes first. Holds no row lock and does not poll (see _wait_finished).
+CREATE FUNCTION dispatched.attach(run_id text, timeout interval DEFAULT '30s')
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF $2 IS NULL OR $2 < interval '0' THEN
+        RAISE EXCEPTION 'timeout: must be zero or more, got %', coalesce($2::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM dispatched.runs x
+                    WHERE x.id = $1
+                      AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser())) THEN
+        RETURN '{"message": "not found"}'::jsonb;
+    END IF;
+    PERFORM dispatched._wait_finished($1, (extract(epoch FROM $2) * 1000)::bigint);
+    RETURN dispatched.output($1);
+END;
+$$;
+
+-- Delivers a signal. If no step waits for it yet, it is kept until one does. Returns false
+-- for a finished run; raises P0002 for an unknown run. With an idempotency key a repeated
+-- signal is delivered once (and answers true again).
+CREATE FUNCTION dispatched.signal(
+    run_id          text,
+    name            text,
+    data            jsonb DEFAULT NULL,
+    idempotency_key text  DEFAULT NULL
+)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r    record;
+    v_id bigint;
+BEGIN
+    IF $2 IS NULL THEN
+        RAISE EXCEPTION 'name: required' USING ERRCODE = '22023';
+    END IF;
+    PERFORM dispatched._check_name('signal name', $2, true);
+    IF $4 IS NOT NULL THEN
+        PERFORM dispatched._check_key('idempotency_key', $4);
+    END IF;
+
+    SELECT x.status, x.waiting_for INTO r
+      FROM dispatched.runs x
+     WHERE x.id = $1
+       AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser())
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run "%" does not exist', $1 USING ERRCODE = 'P0002';
+    END IF;
+    IF r.status IN ('completed', 'failed', 'cancelled') THEN
+        RETURN false;
+    END IF;
+
+    INSERT INTO dispatched.signals (run_id, name, data, idempotency_key)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (run_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        RETURN true; -- this key was delivered before
+    END IF;
+
+    INSERT INTO dispatched.events (run_id, type, data)
+    VALUES ($1, 'signal.received',
+            jsonb_strip_nulls(jsonb_build_object('name', $2, 'data', $3, 'idempotency_key', $4)));
+
+    IF r.status = 'waiting' AND r.waiting_for = $2 THEN
+        INSERT INTO dispatched.tasks (run_id, due_at) VALUES ($1, now())
+        ON CONFLICT (run_id) DO UPDATE SET due_at = least(dispatched.tasks.due_at, EXCLUDED.due_at)
+            WHERE dispatched.tasks.lease_owner IS NULL;
+        PERFORM dispatched._wake_workers_at_commit();
+    END IF;
+    RETURN true;
+END;
+$$;
+
+-- Cancels a run that is not finished (true); false for a finished or unknown run. No
+-- further step starts, an answer in flight is discarded, nothing is compensated.
+CREATE FUNCTION dispatched.cancel_run(run_id text, reason text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r      record;
+    v_step text;
+BEGIN
+    SELECT x.status, x.step_index INTO r
+      FROM dispatched.runs x
+     WHERE x.id = $1
+       AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser())
+       FOR UPDATE;
+    IF NOT FOUND OR r.status IN ('completed', 'failed', 'cancelled') THEN
+        RETURN false;
+    END IF;
+
+    SELECT s.step_id INTO v_step FROM dispatched.steps s WHERE s.run_id = $1 AND s.idx = r.step_index;
+    UPDATE dispatched.runs x
+       SET status = 'cancelled',
+           waiting_for = NULL,
+           error = jsonb_build_object('message', 'cancelled' || coalesce(': ' || $2, ''),
+                                      'step', v_step, 'status', NULL, 'reason', $2),
+           finished_at = now(),
+           updated_at = now()
+     WHERE x.id = $1;
+    UPDATE dispatched.steps s
+       SET status = 'failed', error = '{"message": "cancelled"}'::jsonb,
+           finished_at = now(), updated_at = now()
+     WHERE s.run_id = $1 AND s.status IN ('pending', 'running', 'waiting');
+    DELETE FROM dispatched.tasks t WHERE t.run_id = $1;
+    INSERT INTO dispatched.events (run_id, type, step, data)
+    VALUES ($1, 'run.cancelled', v_step, jsonb_build_object('reason', $2));
+    PERFORM dispatched._run_finished_at_commit();
+    PERFORM dispatched._wake_workers_at_commit();
+    RETURN true;
+END;
+$$;
+
+-- The run's event stream in order, numbered from 1.
+CREATE FUNCTION dispatched.events(run_id text)
+RETURNS TABLE (seq bigint, at timestamptz, type text, step text, data jsonb)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT row_number() OVER (ORDER BY e.seq), e.at, e.type, e.step, e.data
+      FROM dispatched.events e
+     WHERE e.run_id = $1
+       AND EXISTS (SELECT 1 FROM dispatched.runs x
+                    WHERE x.id = $1
+                      AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser()))
+     ORDER BY e.seq;
+END;
+$$;

@@ -1,0 +1,162 @@
+-- dispatched: the tables. Everything the engine knows is in these tables; nothing lives only
+-- in memory. The functions in the other files are the only way ordinary roles reach them
+-- (see privileges.sql).
+--
+-- Design for the worker's hot path:
+--   * `tasks` is the queue: one narrow row per run that has something to do at a due time
+--     (start, next step, retry, delay, wait timeout). Workers claim due rows in batches with
+--     FOR UPDATE SKIP LOCKED over the index on due_at; a claim moves due_at to the end of a
+--     lease, so a worker that dies leaves the row to be claimed again when the lease ends.
+--     A run that waits for a signal without a timeout, or is finished, has no task row, so
+--     the queue and its index hold only live work and stay small.
+--   * `runs` and `steps` are updated in place at every transition; they carry no index on
+--     a column that changes and leave room on each page (fillfactor), so those updates are
+--     HOT.
+--   * `events` is append-only, keyed by (run_id, seq).
+--   * Expired Layer 1 and Layer 2 rows are found by their expires_at index and deleted in
+--     small batches; reads ignore expired rows, so correctness never waits for a purge.
+
+-- Workflow definitions, one row per version. Runs keep the version they started with.
+CREATE TABLE dispatched.workflows (
+    name        text        NOT NULL,
+    version     integer     NOT NULL CHECK (version > 0),
+    definition  jsonb       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  text        NOT NULL,
+    PRIMARY KEY (name, version)
+);
+
+-- Runs. `tenant` is the role that started the run: a role sees only its own runs.
+-- The unique (tenant, idempotency_key) index makes start_run idempotent: the run's identity
+-- is its key (DBOS), and this table is the Layer 1 cache of start_run.
+CREATE TABLE dispatched.runs (
+    id               text        PRIMARY KEY,
+    tenant           text        NOT NULL,
+    workflow         text        NOT NULL,
+    version          integer     NOT NULL,
+    input            jsonb       NOT NULL,
+    status           text        NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
+    -- index into the definition's steps of the step the run is at
+    step_index       integer     NOT NULL DEFAULT 0,
+    -- true while failed-run compensation walks back through the succeeded steps
+    compensating     boolean     NOT NULL DEFAULT false,
+    -- the signal name the current step waits for, if it waits
+    waiting_for      text,
+    output           jsonb,
+    error            jsonb,
+    parent           text,
+    idempotency_key  text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    FOREIGN KEY (workflow, version) REFERENCES dispatched.workflows (name, version)
+) WITH (fillfactor = 80);
+
+CREATE UNIQUE INDEX runs_idempotency_key ON dispatched.runs (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX runs_parent ON dispatched.runs (parent) WHERE parent IS NOT NULL;
+CREATE INDEX runs_tenant_created ON dispatched.runs (tenant, created_at);
+
+-- The state of each step a run has reached. Steps not reached yet have no row and show as
+-- `pending` in dispatched.run().
+CREATE TABLE dispatched.steps (
+    run_id       text        NOT NULL REFERENCES dispatched.runs (id) ON DELETE CASCADE,
+    idx          integer     NOT NULL,
+    step_id      text        NOT NULL,
+    status       text        NOT NULL
+                 CHECK (status IN ('pending', 'running', 'waiting', 'succeeded', 'failed', 'compensated')),
+    attempt      integer     NOT NULL DEFAULT 0,
+    response     jsonb,
+    signal       jsonb,
+    error        jsonb,
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, idx)
+) WITH (fillfactor = 80);
+
+-- The queue: what is due when. See the header.
+CREATE TABLE dispatched.tasks (
+    run_id       text        PRIMARY KEY REFERENCES dispatched.runs (id) ON DELETE CASCADE,
+    due_at       timestamptz NOT NULL,
+    -- which worker holds the lease (NULL: nobody) and how many times the task was claimed
+    lease_owner  integer,
+    claims       integer     NOT NULL DEFAULT 0
+) WITH (fillfactor = 70);
+
+CREATE INDEX tasks_due ON dispatched.tasks (due_at);
+
+-- Signals, kept until a step that waits for that name takes them (buffered signals).
+CREATE TABLE dispatched.signals (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id           text        NOT NULL REFERENCES dispatched.runs (id) ON DELETE CASCADE,
+    name             text        NOT NULL,
+    data             jsonb,
+    idempotency_key  text,
+    -- index of the step that took the signal; NULL while buffered
+    taken_by_step    integer,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX signals_buffered ON dispatched.signals (run_id, name, id) WHERE taken_by_step IS NULL;
+CREATE UNIQUE INDEX signals_idempotency_key ON dispatched.signals (run_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+-- The event stream of each run, append-only.
+CREATE TABLE dispatched.events (
+    run_id  text        NOT NULL,
+    seq     bigint      GENERATED ALWAYS AS IDENTITY,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    type    text        NOT NULL,
+    step    text,
+    data    jsonb,
+    PRIMARY KEY (run_id, seq)
+);
+
+-- Secrets for `{{ secrets.<name> }}`. No role but the extension's owner can read this table.
+CREATE TABLE dispatched.secrets (
+    name        text        PRIMARY KEY,
+    value       text        NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    updated_by  text        NOT NULL
+);
+
+-- Layer 1: the request idempotency cache of the application's own endpoints (OpenWOP).
+-- Keyed by the role that uses it and the composite key sha256(tenant:endpoint:key), so that
+-- one database role can never read another's cached answers.
+CREATE TABLE dispatched.idempotency_cache (
+    role        text        NOT NULL,
+    cache_key   text        NOT NULL,
+    tenant      text        NOT NULL,
+    endpoint    text        NOT NULL,
+    key         text        NOT NULL,
+    state       text        NOT NULL CHECK (state IN ('in_flight', 'final')),
+    status      integer,
+    headers     jsonb,
+    body        jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    -- in_flight: when the claim lapses; final: when the cached answer expires
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (role, cache_key)
+);
+
+CREATE INDEX idempotency_cache_expires ON dispatched.idempotency_cache (expires_at);
+
+-- Layer 2: the activity (invocation) log, keyed by invocation id per tenant. The worker
+-- writes each step attempt's outcome here before the run moves on; applications write their
+-- own side effects with record_invocation. First write wins.
+CREATE TABLE dispatched.invocations (
+    tenant         text        NOT NULL,
+    invocation_id  text        NOT NULL,
+    run_id         text        NOT NULL,
+    node_id        text        NOT NULL,
+    attempt        integer     NOT NULL,
+    provider_key   text        NOT NULL,
+    outcome        jsonb       NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    expires_at     timestamptz NOT NULL,
+    PRIMARY KEY (tenant, invocation_id)
+);
+
+CREATE INDEX invocations_expires ON dispatched.invocations (expires_at);
