@@ -14,8 +14,7 @@ mod shmem;
 
 #[cfg(any(test, feature = "pg_test"))]
 #[path = "../pgrx-tests/mod.rs"]
-#[pg_schema]
-mod tests;
+mod pgrx_tests;
 
 extension_sql_file!("../sql/tables.sql", name = "tables", bootstrap);
 extension_sql_file!("../sql/workflows.sql", name = "workflows");
