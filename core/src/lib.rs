@@ -8,8 +8,12 @@
 //! * [`rules`]: what an HTTP status means (for steps and for the Layer 1 cache)
 
 pub mod definition;
+pub mod directives;
 pub mod duration;
+pub mod engine;
 pub mod expr;
 pub mod hash;
+pub mod hosts;
 pub mod keys;
+pub mod redact;
 pub mod rules;
