@@ -66,10 +66,22 @@ CREATE TABLE dispatched.steps (
     step_id      text        NOT NULL,
     status       text        NOT NULL
                  CHECK (status IN ('pending', 'running', 'waiting', 'succeeded', 'failed', 'compensated')),
+    -- where the step is within its status: request (an attempt on the wire), backoff,
+    -- wait (for a signal), child (for an attached child run), done
+    phase        text        NOT NULL DEFAULT 'request'
+                 CHECK (phase IN ('request', 'backoff', 'wait', 'child', 'done')),
     attempt      integer     NOT NULL DEFAULT 0,
     response     jsonb,
     signal       jsonb,
     error        jsonb,
+    wait_deadline timestamptz,
+    -- Layer 2 invocation id of the attempt on the wire, to find its logged outcome
+    invocation   text,
+    -- compensation: its attempt and phase (request, backoff, done)
+    comp_attempt integer     NOT NULL DEFAULT 0,
+    comp_phase   text,
+    -- the child run this step waits for (Dispatched-Spawn mode=attach)
+    child        text,
     started_at   timestamptz,
     finished_at  timestamptz,
     updated_at   timestamptz NOT NULL DEFAULT now(),

@@ -47,6 +47,10 @@ fn _check_name(what: &str, name: &str, dotted: bool) -> bool {
 /// A new run id: `run_` and 22 URL-safe characters from 128 random bits.
 #[pg_extern(volatile, parallel_safe)]
 fn _new_run_id() -> String {
+    new_run_id()
+}
+
+pub fn new_run_id() -> String {
     let mut bytes = [0u8; 16];
     let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
     if !ok {

@@ -9,8 +9,10 @@ use pgrx::prelude::*;
 pgrx::pg_module_magic!();
 
 mod api;
+mod crypto;
 mod settings;
 mod shmem;
+mod worker;
 
 #[cfg(any(test, feature = "pg_test"))]
 #[path = "../pgrx-tests/mod.rs"]
@@ -20,6 +22,7 @@ extension_sql_file!("../sql/tables.sql", name = "tables", bootstrap);
 extension_sql_file!("../sql/workflows.sql", name = "workflows");
 extension_sql_file!("../sql/runs.sql", name = "runs");
 extension_sql_file!("../sql/idempotency.sql", name = "idempotency");
+extension_sql_file!("../sql/internal.sql", name = "internal");
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
@@ -27,6 +30,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::define();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::install();
+        worker::register();
     }
 }
 

@@ -176,7 +176,7 @@ pub fn define() {
     );
 }
 
-fn text(setting: &GucSetting<Option<CString>>) -> String {
+pub fn text(setting: &GucSetting<Option<CString>>) -> String {
     setting
         .get()
         .map(|c| c.to_string_lossy().into_owned())

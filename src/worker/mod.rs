@@ -1,0 +1,406 @@
+//! The background worker: claims due steps, sends their requests on the HTTP threads, and
+//! records every outcome. The main thread alone touches Postgres.
+//!
+//! The loop: record the answers that came back (one transaction per batch), claim due
+//! tasks (one transaction per batch), hand the resulting requests to the HTTP threads, then
+//! sleep until the latch is set (a commit of `start_run`, `signal` or `cancel_run`), an
+//! answer arrives (a byte on a pipe), or the next task is due. No transaction or row lock
+//! is held while a request is on the wire.
+
+mod http;
+pub mod store;
+
+use crate::{api, crypto, settings, shmem};
+use dispatched_core::definition::Definition;
+use dispatched_core::engine::{self, Env, OutRequest, Outcome};
+use dispatched_core::hosts::HostRules;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use store::{Batch, Definitions, Res};
+
+/// How many tasks one claim takes at most.
+const CLAIM_BATCH: usize = 256;
+/// The lease a claim starts with, before the state machine sets the real one.
+const CLAIM_LEASE_MS: i64 = 60_000;
+/// The longest sleep when nothing is due (the latch wakes the worker for new work).
+const MAX_SLEEP_MS: i64 = 3_600_000;
+
+pub fn register() {
+    let n = settings::WORKERS.get();
+    for i in 0..n {
+        BackgroundWorkerBuilder::new(&format!("dispatched worker {i}"))
+            .set_type("dispatched worker")
+            .set_library("dispatched")
+            .set_function("dispatched_worker_main")
+            .set_argument(Some(pg_sys::Datum::from(i as usize)))
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs `f` in its own transaction. An ERROR inside is caught, the transaction rolled back,
+/// and the error returned, so the worker survives it.
+fn tx<R>(f: impl FnOnce() -> Res<R>) -> Res<R> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let f = AssertUnwindSafe(f);
+    let result = PgTryBuilder::new(move || {
+        let whole = f;
+        let r = (whole.0)();
+        if r.is_ok() {
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+        }
+        r
+    })
+    .catch_others(|e| Err(format!("{e:?}")))
+    .execute();
+    if result.is_err() {
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    result
+}
+
+fn limits() -> http::Limits {
+    let text = settings::text(&settings::ALLOWED_HOSTS);
+    let rules = match HostRules::parse(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            warning!("dispatched.allowed_hosts: {e}; refusing every host until it is fixed");
+            HostRules::parse("invalid.invalid").unwrap_or_default()
+        }
+    };
+    http::Limits {
+        rules,
+        max_response_bytes: settings::MAX_RESPONSE_BYTES.get().max(1024) as u64,
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What a batch produced: requests to send after commit.
+struct Produced {
+    requests: Vec<(OutRequest, i32)>,
+    claimed: usize,
+}
+
+struct Worker {
+    me: i32,
+    defs: Definitions,
+    rng: Rng,
+}
+
+impl Worker {
+    /// Applies the state machine to loaded runs and writes the result.
+    fn apply(
+        &mut self,
+        loaded: Vec<store::Loaded>,
+        mut call: impl FnMut(&mut engine::Run, &Definition, &mut Env, Option<Outcome>) -> Option<engine::Effects>,
+        claims_of: &HashMap<String, i32>,
+    ) -> Res<Produced> {
+        let secrets = store::secrets()?;
+        let mut all: Vec<String> = secrets.values().filter(|v| !v.is_empty()).cloned().collect();
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let default_timeout = settings::duration_ms("default_timeout").unwrap_or(30_000);
+        let retention = settings::duration_ms("invocation_retention").unwrap_or(14 * 86_400_000) as i64;
+        let key = settings::text(&settings::ENCRYPTION_KEY);
+        let encrypt = |data: &mut serde_json::Value| crypto::encrypt_large_body(data, &key);
+        let mut batch = Batch::default();
+        let mut requests = Vec::new();
+        let secret = |n: &str| secrets.get(n).cloned();
+        let exists = |w: &str| {
+            store::workflows_existing(&[w.to_string()])
+                .map(|v| !v.is_empty())
+                .unwrap_or(false)
+        };
+        let rng = &mut self.rng;
+        let mut jitter = || rng.next();
+        let mut new_id = api::new_run_id;
+        for mut l in loaded {
+            let def = self.defs.get(&l.workflow, l.version)?;
+            let mut env = Env {
+                now_ms: now_ms(),
+                default_timeout_ms: default_timeout,
+                secret: &secret,
+                all_secrets: &all,
+                jitter: &mut jitter,
+                new_run_id: &mut new_id,
+                workflow_exists: &exists,
+            };
+            let logged = l.logged.as_ref().and_then(Outcome::from_log);
+            let Some(fx) = call(&mut l.run, &def, &mut env, logged) else {
+                continue;
+            };
+            batch.add(&l.run, &fx, self.me, &encrypt);
+            let claims = claims_of.get(&l.run.id).copied().unwrap_or(0);
+            requests.extend(fx.requests.into_iter().map(|r| (r, claims)));
+        }
+        let batch = batch.flush(retention)?;
+        if batch.finished {
+            shmem::run_finished_at_commit();
+        }
+        if batch.due_now {
+            shmem::wake_workers_at_commit();
+        }
+        Ok(Produced {
+            requests,
+            claimed: 0,
+        })
+    }
+
+    fn claim_and_run(&mut self, limit: usize) -> Res<Produced> {
+        let claimed = store::claim(self.me, limit as i64, CLAIM_LEASE_MS)?;
+        if claimed.is_empty() {
+            return Ok(Produced {
+                requests: Vec::new(),
+                claimed: 0,
+            });
+        }
+        let n = claimed.len();
+        let claims: HashMap<String, i32> = claimed.into_iter().collect();
+        let ids: Vec<String> = claims.keys().cloned().collect();
+        let loaded = store::load_runs(&ids)?;
+        let mut p = self.apply(
+            loaded,
+            |run, def, env, logged| Some(engine::on_due(run, def, env, logged)),
+            &claims,
+        )?;
+        p.claimed = n;
+        Ok(p)
+    }
+
+    fn record(&mut self, done: &[http::Done]) -> Res<Produced> {
+        let ids: Vec<String> = done
+            .iter()
+            .map(|d| d.req.run_id.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let tasks = store::lock_tasks(&ids)?;
+        let loaded = store::load_runs(&ids)?;
+        let by_run: HashMap<&str, &http::Done> =
+            done.iter().map(|d| (d.req.run_id.as_str(), d)).collect();
+        let me = self.me;
+        let mut claims = HashMap::new();
+        let mut current = Vec::new();
+        for l in loaded {
+            let Some(d) = by_run.get(l.run.id.as_str()) else { continue };
+            // The answer counts only if this worker still holds the task (not cancelled, not
+            // taken over after a lease ran out) and the step still waits for this attempt.
+            let holds = matches!(tasks.get(&l.run.id), Some((c, Some(owner))) if *c == d.claims && *owner == me);
+            let expected = l
+                .run
+                .steps
+                .get(d.req.step_idx)
+                .and_then(|s| s.as_ref())
+                .and_then(|s| s.invocation.as_deref())
+                == Some(d.req.invocation_id.as_str());
+            if holds && expected && !l.run.status.finished() {
+                claims.insert(l.run.id.clone(), d.claims);
+                current.push(l);
+            }
+        }
+        self.apply(
+            current,
+            |run, def, env, _| {
+                let d = by_run.get(run.id.as_str())?;
+                Some(engine::on_outcome(
+                    run,
+                    def,
+                    env,
+                    d.req.step_idx,
+                    d.req.compensate,
+                    d.req.attempt,
+                    d.outcome.clone(),
+                ))
+            },
+            &claims,
+        )
+    }
+}
+
+fn make_pipe() -> (i32, i32) {
+    let mut fds = [0i32; 2];
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+            error!("dispatched worker: could not create a pipe");
+        }
+    }
+    (fds[0], fds[1])
+}
+
+fn drain(fd: i32) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
+    let me = arg.value() as i32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = settings::text(&settings::DATABASE);
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+
+    if let Some(sh) = shmem::shared() {
+        let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+        if let Some(slot) = sh.worker_procnos.get(me as usize) {
+            slot.store(procno, Ordering::SeqCst);
+        }
+    }
+
+    let (pipe_r, pipe_w) = make_pipe();
+    let threads = settings::MAX_CONCURRENT_REQUESTS.get().max(1) as usize;
+    let pool = http::Pool::start(threads, limits(), pipe_w);
+    log!("dispatched worker {me} started in database \"{db}\" with {threads} HTTP threads");
+
+    let mut w = Worker {
+        me,
+        defs: Definitions::default(),
+        rng: Rng((now_ms() as u64) ^ ((std::process::id() as u64) << 32) | 1),
+    };
+    let mut inflight: usize = 0;
+    let mut pending: Vec<http::Done> = Vec::new();
+    let mut said_waiting = false;
+    let mut failures: u32 = 0;
+
+    while !BackgroundWorker::sigterm_received() {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if let Ok(mut l) = pool.limits.write() {
+                *l = limits();
+            }
+        }
+        drain(pipe_r);
+        while let Ok(d) = pool.done.try_recv() {
+            inflight = inflight.saturating_sub(1);
+            pending.push(d);
+        }
+
+        let mut sleep_ms: i64 = MAX_SLEEP_MS;
+        match tx(store::extension_ready) {
+            Ok(true) => said_waiting = false,
+            Ok(false) | Err(_) => {
+                if !said_waiting {
+                    log!("dispatched worker {me}: waiting for CREATE EXTENSION dispatched in database \"{db}\"");
+                    said_waiting = true;
+                }
+                wait(pipe_r, 5_000);
+                continue;
+            }
+        }
+
+        let mut to_send: Vec<(OutRequest, i32)> = Vec::new();
+        let mut busy = false;
+        if !pending.is_empty() {
+            let batch: Vec<http::Done> = std::mem::take(&mut pending);
+            match tx(|| w.record(&batch)) {
+                Ok(p) => {
+                    to_send.extend(p.requests);
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    warning!("dispatched worker {me}: recording {} outcomes failed (try {failures}): {e}", batch.len());
+                    if failures < 5 {
+                        pending = batch; // try again; until then the tasks stay leased
+                    }
+                    sleep_ms = 1000 * failures as i64;
+                }
+            }
+        }
+
+        let max = settings::MAX_CONCURRENT_REQUESTS.get().max(1) as usize;
+        let room = max.min(pool.threads).saturating_sub(inflight + to_send.len());
+        if room > 0 && failures == 0 {
+            let limit = room.min(CLAIM_BATCH);
+            match tx(|| w.claim_and_run(limit)) {
+                Ok(p) => {
+                    busy = p.claimed == limit;
+                    to_send.extend(p.requests);
+                }
+                Err(e) => {
+                    warning!("dispatched worker {me}: claiming due steps failed: {e}");
+                    sleep_ms = 1000;
+                }
+            }
+        }
+
+        for (req, claims) in to_send {
+            if pool.submit(http::Job { req, claims }) {
+                inflight += 1;
+            }
+        }
+        unsafe { pg_sys::pgstat_report_stat(true) };
+
+        if busy {
+            continue;
+        }
+        if sleep_ms == MAX_SLEEP_MS {
+            if let Ok(Some(ms)) = tx(store::next_due_ms) {
+                sleep_ms = ms.clamp(0, MAX_SLEEP_MS);
+            }
+        }
+        if sleep_ms > 0 {
+            wait(pipe_r, sleep_ms);
+        }
+    }
+    log!("dispatched worker {me} stopping ({inflight} requests in flight are left to their leases)");
+    if let Some(sh) = shmem::shared() {
+        if let Some(slot) = sh.worker_procnos.get(me as usize) {
+            slot.store(-1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Sleeps until the latch is set, an answer arrives on the pipe, or `ms` pass.
+fn wait(pipe_r: i32, ms: i64) {
+    let started = Instant::now();
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET
+                | pg_sys::WL_SOCKET_READABLE
+                | pg_sys::WL_TIMEOUT
+                | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            pipe_r,
+            ms.max(1) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    let _ = started;
+}

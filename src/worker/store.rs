@@ -1,0 +1,542 @@
+//! The worker's SQL: claim due tasks, load runs, and write back everything the state machine
+//! decided, in a few set-based statements per batch (one statement per table, whatever the
+//! number of runs).
+
+use dispatched_core::definition::{self, Definition};
+use dispatched_core::engine::{
+    BufferedSignal, ChildState, Effects, Phase, Run, RunStatus, StepRec, StepStatus, TaskChange,
+};
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type Res<T> = Result<T, String>;
+
+fn e(x: pgrx::spi::Error) -> String {
+    x.to_string()
+}
+
+/// Runs a statement and returns its first column as JSON, one value per row.
+pub fn rows_json(sql: &str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
+    Spi::connect_mut(|c| {
+        let t = c.update(sql, None, args).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t {
+            if let Some(JsonB(v)) = row.get::<JsonB>(1).map_err(e)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    })
+}
+
+pub fn exec(sql: &str, args: &[DatumWithOid]) -> Res<()> {
+    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()).map_err(e))
+}
+
+pub fn extension_ready() -> Res<bool> {
+    Spi::connect_mut(|c| {
+        let t = c
+            .update(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatched')",
+                None,
+                &[],
+            )
+            .map_err(e)?;
+        Ok(t.first().get_one::<bool>().map_err(e)?.unwrap_or(false))
+    })
+}
+
+/// Claims up to `limit` due tasks for worker `me`, leasing them for `lease_ms`.
+/// Returns (run id, claims) pairs.
+pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
+    let rows = rows_json(
+        "WITH due AS (
+             SELECT t.run_id FROM dispatched.tasks t
+              WHERE t.due_at <= clock_timestamp()
+              ORDER BY t.due_at
+              LIMIT $1
+              FOR UPDATE SKIP LOCKED)
+         UPDATE dispatched.tasks t
+            SET due_at = clock_timestamp() + $3 * interval '1 millisecond',
+                lease_owner = $2, claims = t.claims + 1
+           FROM due
+          WHERE t.run_id = due.run_id
+         RETURNING jsonb_build_array(t.run_id, t.claims)",
+        &[limit.into(), me.into(), lease_ms.into()],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|v| {
+            Some((
+                v.get(0)?.as_str()?.to_string(),
+                v.get(1)?.as_i64()? as i32,
+            ))
+        })
+        .collect())
+}
+
+/// Locks the tasks of these runs and returns their current claims counter (absent: no task).
+pub fn lock_tasks(ids: &[String]) -> Res<HashMap<String, (i32, Option<i32>)>> {
+    let rows = rows_json(
+        "SELECT jsonb_build_array(t.run_id, t.claims, t.lease_owner)
+           FROM dispatched.tasks t WHERE t.run_id = ANY($1)
+          ORDER BY t.run_id
+            FOR UPDATE",
+        &[ids.to_vec().into()],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|v| {
+            Some((
+                v.get(0)?.as_str()?.to_string(),
+                (
+                    v.get(1)?.as_i64()? as i32,
+                    v.get(2).and_then(Value::as_i64).map(|x| x as i32),
+                ),
+            ))
+        })
+        .collect())
+}
+
+/// A run as loaded, with what the worker needs besides the state machine's view.
+pub struct Loaded {
+    pub run: Run,
+    pub workflow: String,
+    pub version: i32,
+    pub logged: Option<Value>,
+}
+
+fn parse_step(v: &Value) -> Option<(usize, StepRec)> {
+    let idx = v.get("idx")?.as_u64()? as usize;
+    let opt = |k: &str| v.get(k).filter(|x| !x.is_null()).cloned();
+    Some((
+        idx,
+        StepRec {
+            status: StepStatus::parse(v.get("status")?.as_str()?)?,
+            phase: Phase::parse(v.get("phase")?.as_str()?)?,
+            attempt: v.get("attempt")?.as_u64()? as u32,
+            response: opt("response"),
+            signal: opt("signal"),
+            error: opt("error"),
+            wait_deadline_ms: v.get("wait_deadline_ms").and_then(Value::as_i64),
+            invocation: v.get("invocation").and_then(Value::as_str).map(String::from),
+            comp_attempt: v.get("comp_attempt").and_then(Value::as_u64).unwrap_or(0) as u32,
+            comp_phase: v.get("comp_phase").and_then(Value::as_str).and_then(Phase::parse),
+            child: v.get("child").and_then(Value::as_str).map(String::from),
+            started: false,
+            finished: false,
+            dirty: false,
+        },
+    ))
+}
+
+fn parse_run(v: &Value) -> Option<Loaded> {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+    let opt = |k: &str| v.get(k).filter(|x| !x.is_null()).cloned();
+    let mut steps: Vec<Option<StepRec>> = Vec::new();
+    if let Some(Value::Array(items)) = v.get("steps") {
+        for item in items {
+            let (idx, rec) = parse_step(item)?;
+            if steps.len() <= idx {
+                steps.resize(idx + 1, None);
+            }
+            steps[idx] = Some(rec);
+        }
+    }
+    let mut signals = Vec::new();
+    if let Some(Value::Array(items)) = v.get("signals") {
+        for g in items {
+            signals.push(BufferedSignal {
+                id: g.get("id")?.as_i64()?,
+                name: g.get("name")?.as_str()?.to_string(),
+                data: g.get("data").filter(|x| !x.is_null()).cloned(),
+            });
+        }
+    }
+    let child = v.get("child").filter(|c| !c.is_null()).and_then(|c| {
+        Some(ChildState {
+            id: c.get("id")?.as_str()?.to_string(),
+            status: RunStatus::parse(c.get("status")?.as_str()?)?,
+            output: c.get("output").filter(|x| !x.is_null()).cloned(),
+            error: c.get("error").filter(|x| !x.is_null()).cloned(),
+        })
+    });
+    Some(Loaded {
+        run: Run {
+            id: s("id")?,
+            tenant: s("tenant")?,
+            status: RunStatus::parse(&s("status")?)?,
+            step_index: v.get("step_index")?.as_u64()? as usize,
+            compensating: v.get("compensating")?.as_bool()?,
+            waiting_for: s("waiting_for"),
+            input: v.get("input").cloned().unwrap_or(Value::Null),
+            output: opt("output"),
+            error: opt("error"),
+            parent: s("parent"),
+            steps,
+            signals,
+            child,
+            dirty: false,
+        },
+        workflow: s("workflow")?,
+        version: v.get("version")?.as_i64()? as i32,
+        logged: opt("logged"),
+    })
+}
+
+/// Loads (and locks) runs.
+pub fn load_runs(ids: &[String]) -> Res<Vec<Loaded>> {
+    let rows = rows_json(
+        "SELECT jsonb_build_object(
+             'id', r.id, 'tenant', r.tenant, 'status', r.status, 'step_index', r.step_index,
+             'compensating', r.compensating, 'waiting_for', r.waiting_for, 'input', r.input,
+             'output', r.output, 'error', r.error, 'parent', r.parent,
+             'workflow', r.workflow, 'version', r.version,
+             'steps', (SELECT jsonb_agg(jsonb_build_object(
+                           'idx', s.idx, 'status', s.status, 'phase', s.phase, 'attempt', s.attempt,
+                           'response', s.response, 'signal', s.signal, 'error', s.error,
+                           'wait_deadline_ms', (extract(epoch FROM s.wait_deadline) * 1000)::bigint,
+                           'invocation', s.invocation, 'comp_attempt', s.comp_attempt,
+                           'comp_phase', s.comp_phase, 'child', s.child))
+                         FROM dispatched.steps s WHERE s.run_id = r.id),
+             'signals', (SELECT jsonb_agg(jsonb_build_object('id', g.id, 'name', g.name, 'data', g.data) ORDER BY g.id)
+                           FROM dispatched.signals g WHERE g.run_id = r.id AND g.taken_by_step IS NULL),
+             'child', (SELECT jsonb_build_object('id', c.id, 'status', c.status, 'output', c.output, 'error', c.error)
+                         FROM dispatched.runs c
+                        WHERE r.waiting_for LIKE 'child:%' AND c.id = substr(r.waiting_for, 7)),
+             'logged', (SELECT i.outcome FROM dispatched.steps s
+                          JOIN dispatched.invocations i ON i.tenant = r.tenant AND i.invocation_id = s.invocation
+                         WHERE s.run_id = r.id AND s.idx = r.step_index))
+           FROM dispatched.runs r
+          WHERE r.id = ANY($1)
+          ORDER BY r.id
+            FOR UPDATE OF r",
+        &[ids.to_vec().into()],
+    )?;
+    Ok(rows.iter().filter_map(parse_run).collect())
+}
+
+/// Workflow definitions by (name, version), parsed once per worker.
+#[derive(Default)]
+pub struct Definitions {
+    cache: HashMap<(String, i32), Arc<Definition>>,
+}
+
+impl Definitions {
+    pub fn get(&mut self, name: &str, version: i32) -> Res<Arc<Definition>> {
+        if let Some(d) = self.cache.get(&(name.to_string(), version)) {
+            return Ok(d.clone());
+        }
+        let rows = rows_json(
+            "SELECT w.definition FROM dispatched.workflows w WHERE w.name = $1 AND w.version = $2",
+            &[name.into(), version.into()],
+        )?;
+        let doc = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("workflow {name} version {version} not found"))?;
+        let def = definition::parse(&doc).map_err(|e| format!("workflow {name} v{version}: {e}"))?;
+        let def = Arc::new(def);
+        self.cache.insert((name.to_string(), version), def.clone());
+        Ok(def)
+    }
+}
+
+/// All secrets, name to value.
+pub fn secrets() -> Res<HashMap<String, String>> {
+    let rows = rows_json(
+        "SELECT jsonb_build_array(s.name, s.value) FROM dispatched.secrets s",
+        &[],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|v| Some((v.get(0)?.as_str()?.to_string(), v.get(1)?.as_str()?.to_string())))
+        .collect())
+}
+
+pub fn workflows_existing(names: &[String]) -> Res<Vec<String>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = rows_json(
+        "SELECT DISTINCT to_jsonb(w.name) FROM dispatched.workflows w WHERE w.name = ANY($1)",
+        &[names.to_vec().into()],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect())
+}
+
+fn ms_json(ms: Option<i64>) -> Value {
+    match ms {
+        Some(m) => json!(m),
+        None => Value::Null,
+    }
+}
+
+/// Everything to write for a batch.
+#[derive(Default)]
+pub struct Batch {
+    runs: Vec<Value>,
+    steps: Vec<Value>,
+    events: Vec<Value>,
+    task_set: Vec<Value>,
+    task_delete: Vec<String>,
+    invocations: Vec<Value>,
+    signals_taken: Vec<Value>,
+    spawns: Vec<Value>,
+    parents: Vec<Value>,
+    pub signals_out: Vec<(String, String, Option<Value>, String, String)>,
+    pub cancels_out: Vec<(String, String, String)>,
+    pub finished: bool,
+    pub due_now: bool,
+}
+
+impl Batch {
+    pub fn add(&mut self, run: &Run, fx: &Effects, me: i32, encrypt: &dyn Fn(&mut Value)) {
+        if run.dirty || fx.finished {
+            self.runs.push(json!({
+                "id": run.id, "status": run.status.as_str(), "step_index": run.step_index,
+                "compensating": run.compensating, "waiting_for": run.waiting_for,
+                "output": run.output, "error": run.error, "finished": run.status.finished(),
+            }));
+        }
+        for (i, s) in run.steps.iter().enumerate() {
+            let Some(s) = s else { continue };
+            if !s.dirty {
+                continue;
+            }
+            self.steps.push(json!({
+                "run_id": run.id, "idx": i, "status": s.status.as_str(), "phase": s.phase.as_str(),
+                "attempt": s.attempt, "response": s.response, "signal": s.signal, "error": s.error,
+                "wait_deadline_ms": ms_json(s.wait_deadline_ms), "invocation": s.invocation,
+                "comp_attempt": s.comp_attempt, "comp_phase": s.comp_phase.map(|p| p.as_str()),
+                "child": s.child, "finished": s.finished,
+            }));
+        }
+        for ev in &fx.events {
+            let mut data = ev.data.clone();
+            encrypt(&mut data);
+            self.events.push(json!({"run_id": ev.run_id, "type": ev.kind, "step": ev.step, "data": data}));
+        }
+        match fx.task {
+            TaskChange::DueAt(ms) => {
+                self.task_set.push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": null}))
+            }
+            TaskChange::Lease(ms) => {
+                self.task_set.push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": me}))
+            }
+            TaskChange::Delete => self.task_delete.push(run.id.clone()),
+        }
+        for inv in &fx.invocations {
+            self.invocations.push(json!({
+                "tenant": run.tenant, "invocation_id": inv.invocation_id, "run_id": run.id,
+                "node_id": inv.node_id, "attempt": inv.attempt, "provider_key": inv.provider_key,
+                "outcome": inv.outcome,
+            }));
+        }
+        for (id, idx) in &fx.signals_taken {
+            self.signals_taken.push(json!({"id": id, "idx": idx}));
+        }
+        for sp in &fx.spawns {
+            self.spawns.push(json!({
+                "id": sp.id, "tenant": run.tenant, "workflow": sp.workflow, "input": sp.input,
+                "parent": run.id, "attach": sp.attach,
+            }));
+            self.due_now = true;
+        }
+        for s in &fx.signals_out {
+            self.signals_out
+                .push((s.run.clone(), s.name.clone(), s.data.clone(), run.tenant.clone(), run.id.clone()));
+        }
+        for c in &fx.cancels_out {
+            self.cancels_out.push((c.clone(), run.tenant.clone(), run.id.clone()));
+        }
+        if fx.finished {
+            self.finished = true;
+            if let Some(p) = &run.parent {
+                self.parents.push(json!({"parent": p, "child": run.id}));
+                self.due_now = true;
+            }
+        }
+    }
+
+    /// Writes the batch: one statement per table.
+    pub fn flush(self, invocation_retention_ms: i64) -> Res<Batch> {
+        if !self.runs.is_empty() {
+            exec(
+                "UPDATE dispatched.runs r
+                    SET status = x.status, step_index = x.step_index, compensating = x.compensating,
+                        waiting_for = x.waiting_for, output = x.output, error = x.error,
+                        updated_at = clock_timestamp(),
+                        finished_at = CASE WHEN x.finished THEN clock_timestamp() ELSE r.finished_at END
+                   FROM jsonb_to_recordset($1) AS x(id text, status text, step_index int, compensating bool,
+                        waiting_for text, output jsonb, error jsonb, finished bool)
+                  WHERE r.id = x.id",
+                &[JsonB(Value::Array(self.runs.clone())).into()],
+            )?;
+        }
+        if !self.steps.is_empty() {
+            exec(
+                "INSERT INTO dispatched.steps AS s
+                        (run_id, idx, step_id, status, phase, attempt, response, signal, error,
+                         wait_deadline, invocation, comp_attempt, comp_phase, child,
+                         started_at, finished_at, updated_at)
+                 SELECT x.run_id, x.idx, (w.definition -> 'steps' -> x.idx ->> 'id'), x.status, x.phase,
+                        x.attempt, x.response, x.signal, x.error,
+                        to_timestamp(x.wait_deadline_ms / 1000.0), x.invocation, x.comp_attempt,
+                        x.comp_phase, x.child, clock_timestamp(),
+                        CASE WHEN x.finished THEN clock_timestamp() END, clock_timestamp()
+                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, status text, phase text,
+                        attempt int, response jsonb, signal jsonb, error jsonb, wait_deadline_ms bigint,
+                        invocation text, comp_attempt int, comp_phase text, child text, finished bool)
+                   JOIN dispatched.runs r ON r.id = x.run_id
+                   JOIN dispatched.workflows w ON w.name = r.workflow AND w.version = r.version
+                 ON CONFLICT (run_id, idx) DO UPDATE
+                    SET status = EXCLUDED.status, phase = EXCLUDED.phase, attempt = EXCLUDED.attempt,
+                        response = EXCLUDED.response, signal = EXCLUDED.signal, error = EXCLUDED.error,
+                        wait_deadline = EXCLUDED.wait_deadline, invocation = EXCLUDED.invocation,
+                        comp_attempt = EXCLUDED.comp_attempt, comp_phase = EXCLUDED.comp_phase,
+                        child = EXCLUDED.child,
+                        finished_at = coalesce(EXCLUDED.finished_at, s.finished_at),
+                        updated_at = EXCLUDED.updated_at",
+                &[JsonB(Value::Array(self.steps.clone())).into()],
+            )?;
+        }
+        if !self.spawns.is_empty() {
+            exec(
+                "WITH x AS (
+                     SELECT * FROM jsonb_to_recordset($1) AS x(id text, tenant text, workflow text,
+                            input jsonb, parent text, attach bool)),
+                 ins AS (
+                     INSERT INTO dispatched.runs (id, tenant, workflow, version, input, parent)
+                     SELECT x.id, x.tenant, x.workflow,
+                            (SELECT max(w.version) FROM dispatched.workflows w WHERE w.name = x.workflow),
+                            x.input, x.parent
+                       FROM x
+                     RETURNING id),
+                 tsk AS (
+                     INSERT INTO dispatched.tasks (run_id, due_at)
+                     SELECT ins.id, clock_timestamp() FROM ins)
+                 INSERT INTO dispatched.events (run_id, type, data)
+                 SELECT x.id, 'run.started',
+                        jsonb_build_object('workflow', x.workflow, 'input', x.input, 'parent', x.parent,
+                                           'mode', CASE WHEN x.attach THEN 'attach' ELSE 'detach' END)
+                   FROM x",
+                &[JsonB(Value::Array(self.spawns.clone())).into()],
+            )?;
+        }
+        if !self.events.is_empty() {
+            exec(
+                "INSERT INTO dispatched.events (run_id, type, step, data)
+                 SELECT x.run_id, x.type, x.step, x.data
+                   FROM jsonb_to_recordset($1) WITH ORDINALITY AS x(run_id text, type text, step text, data jsonb, n bigint)
+                  ORDER BY x.n",
+                &[JsonB(Value::Array(self.events.clone())).into()],
+            )?;
+        }
+        if !self.task_set.is_empty() {
+            exec(
+                "INSERT INTO dispatched.tasks AS t (run_id, due_at, lease_owner)
+                 SELECT x.run_id, to_timestamp(x.due_ms / 1000.0), x.lease_owner
+                   FROM jsonb_to_recordset($1) AS x(run_id text, due_ms bigint, lease_owner int)
+                 ON CONFLICT (run_id) DO UPDATE
+                    SET due_at = EXCLUDED.due_at, lease_owner = EXCLUDED.lease_owner",
+                &[JsonB(Value::Array(self.task_set.clone())).into()],
+            )?;
+        }
+        if !self.task_delete.is_empty() {
+            exec(
+                "DELETE FROM dispatched.tasks t WHERE t.run_id = ANY($1)",
+                &[self.task_delete.clone().into()],
+            )?;
+        }
+        if !self.invocations.is_empty() {
+            exec(
+                "INSERT INTO dispatched.invocations
+                        (tenant, invocation_id, run_id, node_id, attempt, provider_key, outcome, expires_at)
+                 SELECT x.tenant, x.invocation_id, x.run_id, x.node_id, x.attempt, x.provider_key, x.outcome,
+                        clock_timestamp() + $2 * interval '1 millisecond'
+                   FROM jsonb_to_recordset($1) AS x(tenant text, invocation_id text, run_id text,
+                        node_id text, attempt int, provider_key text, outcome jsonb)
+                 ON CONFLICT (tenant, invocation_id) DO NOTHING",
+                &[
+                    JsonB(Value::Array(self.invocations.clone())).into(),
+                    invocation_retention_ms.into(),
+                ],
+            )?;
+        }
+        if !self.signals_taken.is_empty() {
+            exec(
+                "UPDATE dispatched.signals g SET taken_by_step = x.idx
+                   FROM jsonb_to_recordset($1) AS x(id bigint, idx int)
+                  WHERE g.id = x.id",
+                &[JsonB(Value::Array(self.signals_taken.clone())).into()],
+            )?;
+        }
+        if !self.parents.is_empty() {
+            exec(
+                "INSERT INTO dispatched.tasks AS t (run_id, due_at)
+                 SELECT p.id, clock_timestamp()
+                   FROM jsonb_to_recordset($1) AS x(parent text, child text)
+                   JOIN dispatched.runs p ON p.id = x.parent AND p.waiting_for = 'child:' || x.child
+                 ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
+                    WHERE t.lease_owner IS NULL",
+                &[JsonB(Value::Array(self.parents.clone())).into()],
+            )?;
+        }
+        for (target, name, data, tenant, from) in &self.signals_out {
+            let delivered = rows_json(
+                "SELECT to_jsonb(dispatched._deliver_signal($1, $2, $3, NULL, $4))",
+                &[
+                    target.as_str().into(),
+                    name.as_str().into(),
+                    data.clone().map(JsonB).into(),
+                    tenant.as_str().into(),
+                ],
+            )?;
+            if delivered.first().is_none_or(Value::is_null) {
+                invalid_directive(from, "dispatched-signal", target, "no such run")?;
+            }
+        }
+        for (target, tenant, from) in &self.cancels_out {
+            let done = rows_json(
+                "SELECT to_jsonb(dispatched._cancel_run($1, $2, $3))",
+                &[
+                    target.as_str().into(),
+                    format!("cancelled by run {from}").into(),
+                    tenant.as_str().into(),
+                ],
+            )?;
+            if done.first().and_then(Value::as_bool) != Some(true) {
+                invalid_directive(from, "dispatched-cancel", target, "no such run, or it is finished")?;
+            }
+        }
+        Ok(self)
+    }
+}
+
+fn invalid_directive(run: &str, header: &str, value: &str, reason: &str) -> Res<()> {
+    exec(
+        "INSERT INTO dispatched.events (run_id, type, data) VALUES ($1, 'directive.invalid', $2)",
+        &[
+            run.into(),
+            JsonB(json!({"header": header, "value": value, "reason": reason})).into(),
+        ],
+    )
+}
+
+/// Milliseconds until the next due task (None: no task at all).
+pub fn next_due_ms() -> Res<Option<i64>> {
+    let rows = rows_json(
+        "SELECT to_jsonb((extract(epoch FROM (min(t.due_at) - clock_timestamp())) * 1000)::bigint)
+           FROM dispatched.tasks t",
+        &[],
+    )?;
+    Ok(rows.first().and_then(Value::as_i64))
+}
