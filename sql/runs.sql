@@ -73,9 +73,10 @@ BEGIN
     v_due := CASE WHEN $4 IS NULL THEN now() ELSE clock_timestamp() + $4 END;
     INSERT INTO dispatched.tasks (run_id, due_at) VALUES (v_id, v_due);
     INSERT INTO dispatched.events (run_id, type, data)
-    VALUES (v_id, 'run.started', jsonb_strip_nulls(jsonb_build_object(
-        'workflow', $1, 'version', v_version, 'input', v_input,
-        'idempotency_key', $3, 'not_before', CASE WHEN $4 IS NULL THEN NULL ELSE v_due END)));
+    VALUES (v_id, 'run.started',
+            jsonb_build_object('workflow', $1, 'version', v_version, 'input', v_input)
+            || CASE WHEN $3 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('idempotency_key', $3) END
+            || CASE WHEN $4 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('not_before', v_due) END);
     PERFORM dispatched._wake_workers_at_commit();
     RETURN v_id;
 END;
@@ -232,7 +233,9 @@ BEGIN
 
     INSERT INTO dispatched.events (run_id, type, data)
     VALUES ($1, 'signal.received',
-            jsonb_strip_nulls(jsonb_build_object('name', $2, 'data', $3, 'idempotency_key', $4)));
+            jsonb_build_object('name', $2)
+            || CASE WHEN $3 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('data', $3) END
+            || CASE WHEN $4 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('idempotency_key', $4) END);
 
     IF r.status = 'waiting' AND r.waiting_for = $2 THEN
         INSERT INTO dispatched.tasks (run_id, due_at) VALUES ($1, now())

@@ -47,6 +47,7 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 BEGIN
     IF $1 IS NULL THEN
         RAISE EXCEPTION 'name: required' USING ERRCODE = '22023';

@@ -87,9 +87,14 @@ fn invocation_id(run_id: &str, node_id: &str, attempt: i32, provider_key: &str) 
 }
 
 /// Layer 1 composite cache key: hex `sha256(tenant ':' endpoint ':' key)`; a NULL tenant is
-/// the caller.
+/// the caller; a NULL endpoint or key gives NULL (like a strict function).
 #[pg_extern(stable, parallel_safe)]
-fn idempotency_cache_key(tenant: Option<&str>, endpoint: &str, key: &str) -> String {
+fn idempotency_cache_key(
+    tenant: Option<&str>,
+    endpoint: Option<&str>,
+    key: Option<&str>,
+) -> Option<String> {
+    let (endpoint, key) = (endpoint?, key?);
     let caller;
     let tenant = match tenant {
         Some(t) => t,
@@ -98,7 +103,7 @@ fn idempotency_cache_key(tenant: Option<&str>, endpoint: &str, key: &str) -> Str
             &caller
         }
     };
-    hash::cache_key(tenant, endpoint, key)
+    Some(hash::cache_key(tenant, endpoint, key))
 }
 
 /// `cache` or `release`: what idempotency_complete does with a status.

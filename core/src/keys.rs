@@ -10,7 +10,7 @@ pub fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("idempotency key must not be empty".into());
     }
-    if key.len() > 255 {
+    if key.chars().count() > 255 {
         return Err(format!(
             "idempotency key is {} characters long; at most 255 are allowed",
             key.chars().count()
@@ -30,7 +30,7 @@ pub fn check_name(what: &str, name: &str, dotted: bool) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{what} must not be empty"));
     }
-    if name.len() > 128 {
+    if name.chars().count() > 128 {
         return Err(format!("{what} is longer than 128 characters"));
     }
     let ok = |c: char| {
@@ -79,6 +79,8 @@ mod tests {
         assert!(check_key("a b").unwrap_err().contains("' '"));
         assert!(check_key("a/b").unwrap_err().contains("'/'"));
         assert!(check_key("é").unwrap_err().contains("'é'"));
+        // Length counts characters, not bytes: 128 'é' are 256 bytes but only 128 characters.
+        assert!(check_key(&"é".repeat(128)).unwrap_err().contains("'é'"));
     }
 
     #[test]
@@ -91,6 +93,9 @@ mod tests {
         assert!(check_name("workflow name", "", true)
             .unwrap_err()
             .contains("empty"));
+        assert!(check_name("workflow name", &"é".repeat(65), true)
+            .unwrap_err()
+            .contains("'é'"));
     }
 
     #[test]
