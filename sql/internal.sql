@@ -34,10 +34,12 @@ BEGIN
 
     INSERT INTO dispatched.events (run_id, type, data)
     VALUES (p_run, 'signal.received',
-            jsonb_strip_nulls(jsonb_build_object('name', p_name, 'data', p_data, 'idempotency_key', p_key)));
+            jsonb_build_object('name', p_name)
+            || CASE WHEN p_data IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('data', p_data) END
+            || CASE WHEN p_key IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('idempotency_key', p_key) END);
 
     IF r.status = 'waiting' AND r.waiting_for = p_name THEN
-        INSERT INTO dispatched.tasks AS t (run_id, due_at) VALUES (p_run, clock_timestamp())
+        INSERT INTO dispatched.tasks AS t (run_id, due_at) VALUES (p_run, now())
         ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
             WHERE t.lease_owner IS NULL;
         PERFORM dispatched._wake_workers_at_commit();

@@ -19,6 +19,11 @@ REVOKE EXECUTE ON FUNCTION dispatched._wake_workers_at_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dispatched._run_finished_at_commit() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dispatched._wait_finished(text, bigint) FROM PUBLIC;
 
+
+REVOKE EXECUTE ON FUNCTION dispatched._deliver_signal(text, text, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dispatched._cancel_run(text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dispatched.decrypt(jsonb) FROM PUBLIC;
+
 DO $$
 BEGIN
     IF NOT dispatched._preloaded() THEN

@@ -198,10 +198,8 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
 DECLARE
-    r    record;
-    v_id bigint;
+    v_delivered boolean;
 BEGIN
     IF $2 IS NULL THEN
         RAISE EXCEPTION 'name: required' USING ERRCODE = '22023';
@@ -210,40 +208,12 @@ BEGIN
     IF $4 IS NOT NULL THEN
         PERFORM dispatched._check_key('idempotency_key', $4);
     END IF;
-
-    SELECT x.status, x.waiting_for INTO r
-      FROM dispatched.runs x
-     WHERE x.id = $1
-       AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser())
-       FOR UPDATE;
-    IF NOT FOUND THEN
+    v_delivered := dispatched._deliver_signal($1, $2, $3, $4,
+        CASE WHEN dispatched._caller_is_superuser() THEN NULL ELSE dispatched._caller() END);
+    IF v_delivered IS NULL THEN
         RAISE EXCEPTION 'run "%" does not exist', $1 USING ERRCODE = 'P0002';
     END IF;
-    IF r.status IN ('completed', 'failed', 'cancelled') THEN
-        RETURN false;
-    END IF;
-
-    INSERT INTO dispatched.signals (run_id, name, data, idempotency_key)
-    VALUES ($1, $2, $3, $4)
-    ON CONFLICT (run_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id INTO v_id;
-    IF v_id IS NULL THEN
-        RETURN true; -- this key was delivered before
-    END IF;
-
-    INSERT INTO dispatched.events (run_id, type, data)
-    VALUES ($1, 'signal.received',
-            jsonb_build_object('name', $2)
-            || CASE WHEN $3 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('data', $3) END
-            || CASE WHEN $4 IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('idempotency_key', $4) END);
-
-    IF r.status = 'waiting' AND r.waiting_for = $2 THEN
-        INSERT INTO dispatched.tasks (run_id, due_at) VALUES ($1, now())
-        ON CONFLICT (run_id) DO UPDATE SET due_at = least(dispatched.tasks.due_at, EXCLUDED.due_at)
-            WHERE dispatched.tasks.lease_owner IS NULL;
-        PERFORM dispatched._wake_workers_at_commit();
-    END IF;
-    RETURN true;
+    RETURN v_delivered;
 END;
 $$;
 
@@ -255,39 +225,9 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-    r      record;
-    v_step text;
 BEGIN
-    SELECT x.status, x.step_index INTO r
-      FROM dispatched.runs x
-     WHERE x.id = $1
-       AND (x.tenant = dispatched._caller() OR dispatched._caller_is_superuser())
-       FOR UPDATE;
-    IF NOT FOUND OR r.status IN ('completed', 'failed', 'cancelled') THEN
-        RETURN false;
-    END IF;
-
-    SELECT s.step_id INTO v_step FROM dispatched.steps s WHERE s.run_id = $1 AND s.idx = r.step_index;
-    UPDATE dispatched.runs x
-       SET status = 'cancelled',
-           waiting_for = NULL,
-           error = jsonb_build_object('message', 'cancelled' || coalesce(': ' || $2, ''),
-                                      'step', v_step, 'status', NULL, 'reason', $2),
-           finished_at = now(),
-           updated_at = now()
-     WHERE x.id = $1;
-    UPDATE dispatched.steps s
-       SET status = 'failed', error = '{"message": "cancelled"}'::jsonb,
-           finished_at = now(), updated_at = now()
-     WHERE s.run_id = $1 AND s.status IN ('pending', 'running', 'waiting');
-    DELETE FROM dispatched.tasks t WHERE t.run_id = $1;
-    INSERT INTO dispatched.events (run_id, type, step, data)
-    VALUES ($1, 'run.cancelled', v_step, jsonb_build_object('reason', $2));
-    PERFORM dispatched._run_finished_at_commit();
-    PERFORM dispatched._wake_workers_at_commit();
-    RETURN true;
+    RETURN coalesce(dispatched._cancel_run($1, $2,
+        CASE WHEN dispatched._caller_is_superuser() THEN NULL ELSE dispatched._caller() END), false);
 END;
 $$;
 

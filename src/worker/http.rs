@@ -184,7 +184,10 @@ fn describe(e: &ureq::Error, timeout: Duration, url: &str, max: u64) -> Outcome 
         E::Protocol(p) => failed(Failure::Network, format!("protocol error: {p} ({url})")),
         E::BadUri(u) => failed(Failure::Permanent, format!("bad URL: {u}")),
         E::Tls(m) => failed(Failure::Permanent, format!("TLS error: {m} ({url})")),
-        other => failed(Failure::Permanent, format!("request failed: {other} ({url})")),
+        other => failed(
+            Failure::Permanent,
+            format!("request failed: {other} ({url})"),
+        ),
     }
 }
 
@@ -215,7 +218,12 @@ fn join_location(base: &str, loc: &str) -> String {
 fn is_json(content_type: Option<&str>) -> bool {
     match content_type {
         Some(ct) => {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             mime == "application/json" || mime.ends_with("+json")
         }
         None => false,
@@ -243,10 +251,15 @@ pub fn perform(agent: &ureq::Agent, req: &OutRequest, lim: &Limits) -> Outcome {
         if left.is_zero() {
             return failed(
                 Failure::Timeout,
-                format!("timed out after {}", dispatched_core::duration::format_ms(req.timeout_ms)),
+                format!(
+                    "timed out after {}",
+                    dispatched_core::duration::format_ms(req.timeout_ms)
+                ),
             );
         }
-        let mut builder = ureq::http::Request::builder().method(method.as_str()).uri(&url);
+        let mut builder = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url);
         for (k, v) in &headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
@@ -287,7 +300,8 @@ pub fn perform(agent: &ureq::Agent, req: &OutRequest, lim: &Limits) -> Outcome {
                     .unwrap_or_default();
                 if new_host != first_host {
                     headers.retain(|(k, _)| {
-                        !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie")
+                        !k.eq_ignore_ascii_case("authorization")
+                            && !k.eq_ignore_ascii_case("cookie")
                     });
                 }
                 continue;
@@ -325,22 +339,28 @@ pub fn perform(agent: &ureq::Agent, req: &OutRequest, lim: &Limits) -> Outcome {
             if e.kind() == std::io::ErrorKind::TimedOut || text.contains("timeout") {
                 return failed(
                     Failure::Timeout,
-                    format!("timed out after {} ({url})", dispatched_core::duration::format_ms(req.timeout_ms)),
+                    format!(
+                        "timed out after {} ({url})",
+                        dispatched_core::duration::format_ms(req.timeout_ms)
+                    ),
                 );
             }
-            return failed(Failure::Network, format!("reading the response failed: {text} ({url})"));
+            return failed(
+                Failure::Network,
+                format!("reading the response failed: {text} ({url})"),
+            );
         }
         let body = if bytes.is_empty() {
             serde_json::Value::Null
         } else if is_json(content_type.as_deref()) {
             match serde_json::from_slice(&bytes) {
                 Ok(v) => v,
-                Err(e) => {
-                    return failed(
-                        Failure::Permanent,
-                        format!("HTTP {status} with a JSON content type but a body that is not JSON: {e}"),
-                    )
-                }
+                Err(e) => return failed(
+                    Failure::Permanent,
+                    format!(
+                        "HTTP {status} with a JSON content type but a body that is not JSON: {e}"
+                    ),
+                ),
             }
         } else {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
@@ -351,7 +371,10 @@ pub fn perform(agent: &ureq::Agent, req: &OutRequest, lim: &Limits) -> Outcome {
             body,
         };
     }
-    failed(Failure::Permanent, format!("more than {MAX_REDIRECTS} redirects"))
+    failed(
+        Failure::Permanent,
+        format!("more than {MAX_REDIRECTS} redirects"),
+    )
 }
 
 #[cfg(test)]

@@ -70,7 +70,15 @@ fn tx<R>(f: impl FnOnce() -> Res<R>) -> Res<R> {
         }
         r
     })
-    .catch_others(|e| Err(format!("{e:?}")))
+    .catch_others(|e| {
+        Err(match e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                format!("{} ({:?})", r.message(), r.sql_error_code())
+            }
+        })
+    })
     .execute();
     if result.is_err() {
         unsafe { pg_sys::AbortCurrentTransaction() };
@@ -123,14 +131,24 @@ impl Worker {
     fn apply(
         &mut self,
         loaded: Vec<store::Loaded>,
-        mut call: impl FnMut(&mut engine::Run, &Definition, &mut Env, Option<Outcome>) -> Option<engine::Effects>,
+        mut call: impl FnMut(
+            &mut engine::Run,
+            &Definition,
+            &mut Env,
+            Option<Outcome>,
+        ) -> Option<engine::Effects>,
         claims_of: &HashMap<String, i32>,
     ) -> Res<Produced> {
         let secrets = store::secrets()?;
-        let mut all: Vec<String> = secrets.values().filter(|v| !v.is_empty()).cloned().collect();
+        let mut all: Vec<String> = secrets
+            .values()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .collect();
         all.sort_by_key(|s| std::cmp::Reverse(s.len()));
         let default_timeout = settings::duration_ms("default_timeout").unwrap_or(30_000);
-        let retention = settings::duration_ms("invocation_retention").unwrap_or(14 * 86_400_000) as i64;
+        let retention =
+            settings::duration_ms("invocation_retention").unwrap_or(14 * 86_400_000) as i64;
         let key = settings::text(&settings::ENCRYPTION_KEY);
         let encrypt = |data: &mut serde_json::Value| crypto::encrypt_large_body(data, &key);
         let mut batch = Batch::default();
@@ -212,7 +230,9 @@ impl Worker {
         let mut claims = HashMap::new();
         let mut current = Vec::new();
         for l in loaded {
-            let Some(d) = by_run.get(l.run.id.as_str()) else { continue };
+            let Some(d) = by_run.get(l.run.id.as_str()) else {
+                continue;
+            };
             // The answer counts only if this worker still holds the task (not cancelled, not
             // taken over after a lease ran out) and the step still waits for this attempt.
             let holds = matches!(tasks.get(&l.run.id), Some((c, Some(owner))) if *c == d.claims && *owner == me);
@@ -344,7 +364,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
 
         let max = settings::MAX_CONCURRENT_REQUESTS.get().max(1) as usize;
-        let room = max.min(pool.threads).saturating_sub(inflight + to_send.len());
+        let room = max
+            .min(pool.threads)
+            .saturating_sub(inflight + to_send.len());
         if room > 0 && failures == 0 {
             let limit = room.min(CLAIM_BATCH);
             match tx(|| w.claim_and_run(limit)) {
@@ -378,7 +400,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             wait(pipe_r, sleep_ms);
         }
     }
-    log!("dispatched worker {me} stopping ({inflight} requests in flight are left to their leases)");
+    log!(
+        "dispatched worker {me} stopping ({inflight} requests in flight are left to their leases)"
+    );
     if let Some(sh) = shmem::shared() {
         if let Some(slot) = sh.worker_procnos.get(me as usize) {
             slot.store(-1, Ordering::SeqCst);

@@ -70,12 +70,7 @@ pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
     )?;
     Ok(rows
         .into_iter()
-        .filter_map(|v| {
-            Some((
-                v.get(0)?.as_str()?.to_string(),
-                v.get(1)?.as_i64()? as i32,
-            ))
-        })
+        .filter_map(|v| Some((v.get(0)?.as_str()?.to_string(), v.get(1)?.as_i64()? as i32)))
         .collect())
 }
 
@@ -123,9 +118,15 @@ fn parse_step(v: &Value) -> Option<(usize, StepRec)> {
             signal: opt("signal"),
             error: opt("error"),
             wait_deadline_ms: v.get("wait_deadline_ms").and_then(Value::as_i64),
-            invocation: v.get("invocation").and_then(Value::as_str).map(String::from),
+            invocation: v
+                .get("invocation")
+                .and_then(Value::as_str)
+                .map(String::from),
             comp_attempt: v.get("comp_attempt").and_then(Value::as_u64).unwrap_or(0) as u32,
-            comp_phase: v.get("comp_phase").and_then(Value::as_str).and_then(Phase::parse),
+            comp_phase: v
+                .get("comp_phase")
+                .and_then(Value::as_str)
+                .and_then(Phase::parse),
             child: v.get("child").and_then(Value::as_str).map(String::from),
             started: false,
             finished: false,
@@ -239,7 +240,8 @@ impl Definitions {
             .into_iter()
             .next()
             .ok_or_else(|| format!("workflow {name} version {version} not found"))?;
-        let def = definition::parse(&doc).map_err(|e| format!("workflow {name} v{version}: {e}"))?;
+        let def =
+            definition::parse(&doc).map_err(|e| format!("workflow {name} v{version}: {e}"))?;
         let def = Arc::new(def);
         self.cache.insert((name.to_string(), version), def.clone());
         Ok(def)
@@ -254,7 +256,12 @@ pub fn secrets() -> Res<HashMap<String, String>> {
     )?;
     Ok(rows
         .into_iter()
-        .filter_map(|v| Some((v.get(0)?.as_str()?.to_string(), v.get(1)?.as_str()?.to_string())))
+        .filter_map(|v| {
+            Some((
+                v.get(0)?.as_str()?.to_string(),
+                v.get(1)?.as_str()?.to_string(),
+            ))
+        })
         .collect())
 }
 
@@ -322,15 +329,16 @@ impl Batch {
         for ev in &fx.events {
             let mut data = ev.data.clone();
             encrypt(&mut data);
-            self.events.push(json!({"run_id": ev.run_id, "type": ev.kind, "step": ev.step, "data": data}));
+            self.events
+                .push(json!({"run_id": ev.run_id, "type": ev.kind, "step": ev.step, "data": data}));
         }
         match fx.task {
-            TaskChange::DueAt(ms) => {
-                self.task_set.push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": null}))
-            }
-            TaskChange::Lease(ms) => {
-                self.task_set.push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": me}))
-            }
+            TaskChange::DueAt(ms) => self
+                .task_set
+                .push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": null})),
+            TaskChange::Lease(ms) => self
+                .task_set
+                .push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": me})),
             TaskChange::Delete => self.task_delete.push(run.id.clone()),
         }
         for inv in &fx.invocations {
@@ -351,11 +359,17 @@ impl Batch {
             self.due_now = true;
         }
         for s in &fx.signals_out {
-            self.signals_out
-                .push((s.run.clone(), s.name.clone(), s.data.clone(), run.tenant.clone(), run.id.clone()));
+            self.signals_out.push((
+                s.run.clone(),
+                s.name.clone(),
+                s.data.clone(),
+                run.tenant.clone(),
+                run.id.clone(),
+            ));
         }
         for c in &fx.cancels_out {
-            self.cancels_out.push((c.clone(), run.tenant.clone(), run.id.clone()));
+            self.cancels_out
+                .push((c.clone(), run.tenant.clone(), run.id.clone()));
         }
         if fx.finished {
             self.finished = true;
@@ -435,7 +449,8 @@ impl Batch {
             exec(
                 "INSERT INTO dispatched.events (run_id, type, step, data)
                  SELECT x.run_id, x.type, x.step, x.data
-                   FROM jsonb_to_recordset($1) WITH ORDINALITY AS x(run_id text, type text, step text, data jsonb, n bigint)
+                   FROM ROWS FROM (jsonb_to_recordset($1) AS (run_id text, type text, step text, data jsonb))
+                        WITH ORDINALITY AS x(run_id, type, step, data, n)
                   ORDER BY x.n",
                 &[JsonB(Value::Array(self.events.clone())).into()],
             )?;
@@ -514,7 +529,12 @@ impl Batch {
                 ],
             )?;
             if done.first().and_then(Value::as_bool) != Some(true) {
-                invalid_directive(from, "dispatched-cancel", target, "no such run, or it is finished")?;
+                invalid_directive(
+                    from,
+                    "dispatched-cancel",
+                    target,
+                    "no such run, or it is finished",
+                )?;
             }
         }
         Ok(self)
