@@ -315,6 +315,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     let mut inflight: usize = 0;
     let mut pending: Vec<http::Done> = Vec::new();
     let mut said_waiting = false;
+    let mut reclaimed = false;
     let mut failures: u32 = 0;
 
     while !BackgroundWorker::sigterm_received() {
@@ -332,7 +333,20 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
 
         let mut sleep_ms: i64 = MAX_SLEEP_MS;
         match tx(store::extension_ready) {
-            Ok(true) => said_waiting = false,
+            Ok(true) => {
+                if said_waiting || !reclaimed {
+                    // This worker holds nothing in flight now: tasks leased under its number
+                    // (by its previous life, before a crash or restart) are due again at once,
+                    // with the same attempt numbers.
+                    match tx(|| store::release_leases(me)) {
+                        Ok(n) if n > 0 => log!("dispatched worker {me}: took back {n} tasks leased before a restart"),
+                        Ok(_) => {}
+                        Err(e) => warning!("dispatched worker {me}: {e}"),
+                    }
+                    reclaimed = true;
+                }
+                said_waiting = false;
+            }
             Ok(false) | Err(_) => {
                 if !said_waiting {
                     log!("dispatched worker {me}: waiting for CREATE EXTENSION dispatched in database \"{db}\"");

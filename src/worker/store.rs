@@ -74,6 +74,18 @@ pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
         .collect())
 }
 
+/// Makes the tasks leased by worker `me` due now (the worker just started: it has nothing
+/// in flight). Returns how many.
+pub fn release_leases(me: i32) -> Res<i64> {
+    let rows = rows_json(
+        "WITH r AS (UPDATE dispatched.tasks t SET due_at = clock_timestamp(), lease_owner = NULL
+                     WHERE t.lease_owner = $1 RETURNING 1)
+         SELECT to_jsonb(count(*)) FROM r",
+        &[me.into()],
+    )?;
+    Ok(rows.first().and_then(Value::as_i64).unwrap_or(0))
+}
+
 /// Locks the tasks of these runs and returns their current claims counter (absent: no task).
 pub fn lock_tasks(ids: &[String]) -> Res<HashMap<String, (i32, Option<i32>)>> {
     let rows = rows_json(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
+import time
 import subprocess
 import tempfile
 import uuid
@@ -160,3 +162,55 @@ class Cluster:
                 sql.SQL("CREATE ROLE {} {}").format(sql.Identifier(name), sql.SQL(" ").join(opts))
             )
         return name
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def _pg_ctl(self, *args: str) -> None:
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+        cmd = [f"{bindir}/pg_ctl", "-D", str(self.datadir), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pg_ctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}")
+
+    def restart(self, mode: str = "fast") -> None:
+        """pg_ctl restart -m MODE (waits until the server accepts connections again)."""
+        self._pg_ctl("-l", str(self.datadir / "server.log"), "-m", mode, "-w", "-t", "60", "restart")
+
+    def stop_immediate(self) -> None:
+        """pg_ctl stop -m immediate: the postmaster and every backend end at once."""
+        self._pg_ctl("-m", "immediate", "-w", "stop")
+
+    def start_again(self) -> None:
+        self._pg_ctl("-l", str(self.datadir / "server.log"), "-w", "-t", "60", "start")
+
+    def worker_pids(self, backend_type: str = "dispatched worker") -> list[int]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = %s ORDER BY pid", (backend_type,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def kill_workers(self) -> list[int]:
+        """kill -9 every dispatched worker; returns their pids."""
+        pids = self.worker_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def wait_workers_replaced(self, old_pids: list[int], timeout: float = 60.0) -> list[int]:
+        """After workers were killed: waits until the server accepts connections again and
+        new workers (none of `old_pids`) run. Returns the new pids."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                pids = self.worker_pids()
+                if pids and not set(pids) & set(old_pids):
+                    return pids
+                last = pids
+            except psycopg.OperationalError as e:  # the server is still recovering
+                last = e
+            time.sleep(0.2)
+        raise TimeoutError(f"workers not replaced after {timeout}s: {last}")
