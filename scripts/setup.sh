@@ -54,6 +54,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   quiet apt-get update
   step "apt-get install ${missing[*]}"
   quiet apt-get install -y --no-install-recommends "${missing[@]}"
+  # Debian's postgresql-15 creates and may start a "main" cluster on port 5432; dispatched's
+  # scripts and tests start clusters of their own, so stop the one this install started.
+  if [[ " ${missing[*]} " == *" postgresql-15 "* ]] && pg_ctlcluster 15 main status >/dev/null 2>&1; then
+    step "stopping the Debian 'main' cluster the package install started (not used)"
+    quiet pg_ctlcluster 15 main stop
+  fi
 else
   step "Debian packages: all there (${APT_PACKAGES[*]})"
 fi

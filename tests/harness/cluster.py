@@ -33,6 +33,21 @@ def _chown_to_postgres(path: Path) -> None:
     os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(entry))
+    return out
+
+
 def pkglibdir() -> Path:
     out = subprocess.run(["pg_config", "--pkglibdir"], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
@@ -83,6 +98,7 @@ class Cluster:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log = self.server_log()
+            self._force_stop()
             self._remove()
             raise RuntimeError(
                 f"cluster.sh start failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}\n"
@@ -90,12 +106,59 @@ class Cluster:
             )
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops the server (fast shutdown) and removes the directory. A server that does not
+        stop within `timeout` seconds (e.g. a background worker that ignores SIGTERM) is
+        stopped with an immediate shutdown, then killed, and RuntimeError says so: nothing
+        is left running either way."""
+        problem = None
         if self.datadir is not None:
-            subprocess.run(
-                ["bash", str(CLUSTER_SH), "stop", str(self.datadir)], capture_output=True, text=True
-            )
+            try:
+                subprocess.run(
+                    ["bash", str(CLUSTER_SH), "stop", str(self.datadir)],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+            except subprocess.TimeoutExpired:
+                pass
+            if self._postmaster_pid() is not None:
+                log = self.server_log()
+                problem = (
+                    f"the cluster in {self.datadir} did not stop within {timeout}s of a fast "
+                    f"shutdown; forced it down\n--- end of server.log ---\n{log[-5000:]}"
+                )
+                self._force_stop()
         self._remove()
+        if problem:
+            raise RuntimeError(problem)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.datadir / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _force_stop(self) -> None:
+        """Immediate shutdown, then SIGKILL of the postmaster and its children."""
+        if self.datadir is None or self._postmaster_pid() is None:
+            return
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+        cmd = [f"{bindir}/pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "-t", "10", "stop"]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        pid = self._postmaster_pid()
+        if pid is not None:
+            for p in [pid, *_children(pid)]:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def _remove(self) -> None:
         if self.root is not None:
