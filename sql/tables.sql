@@ -16,6 +16,10 @@
 --   * Expired Layer 1 and Layer 2 rows are found by their expires_at index and deleted in
 --     small batches; reads ignore expired rows, so correctness never waits for a purge.
 
+-- The schema is created here, by the extension script, so that it belongs to the extension
+-- and DROP EXTENSION removes it (a schema named in the control file would not).
+CREATE SCHEMA dispatched;
+
 -- Workflow definitions, one row per version. Runs keep the version they started with.
 CREATE TABLE dispatched.workflows (
     name        text        NOT NULL,

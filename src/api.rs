@@ -18,7 +18,7 @@ fn invalid(message: String) -> ! {
 }
 
 /// Validates a workflow definition; raises 22023 naming every problem with its JSON path.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
 fn _validate_definition(definition: JsonB) -> bool {
     match definition::parse(&definition.0) {
         Ok(_) => true,
@@ -27,7 +27,7 @@ fn _validate_definition(definition: JsonB) -> bool {
 }
 
 /// Raises 22023 unless `key` is 1 to 255 RFC 3986 unreserved characters.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
 fn _check_key(what: &str, key: &str) -> bool {
     match keys::check_key(key) {
         Ok(()) => true,
@@ -36,7 +36,7 @@ fn _check_key(what: &str, key: &str) -> bool {
 }
 
 /// Raises 22023 unless `name` is a valid name (workflow, signal, secret).
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
 fn _check_name(what: &str, name: &str, dotted: bool) -> bool {
     match keys::check_name(what, name, dotted) {
         Ok(()) => true,
@@ -45,7 +45,7 @@ fn _check_name(what: &str, name: &str, dotted: bool) -> bool {
 }
 
 /// A new run id: `run_` and 22 URL-safe characters from 128 random bits.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(schema = "dispatched", volatile, parallel_safe)]
 fn _new_run_id() -> String {
     new_run_id()
 }
@@ -61,7 +61,7 @@ pub fn new_run_id() -> String {
 
 /// The role the caller acts as (`current_user` outside any SECURITY DEFINER function): the
 /// tenant of what it does.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(schema = "dispatched", stable, parallel_safe)]
 fn _caller() -> String {
     unsafe {
         let name = pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false);
@@ -70,13 +70,13 @@ fn _caller() -> String {
 }
 
 /// Whether the caller is a superuser (who sees every tenant's runs).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(schema = "dispatched", stable, parallel_safe)]
 fn _caller_is_superuser() -> bool {
     unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) }
 }
 
 /// Layer 2 invocation id: hex `sha256(run_id ':' node_id ':' attempt ':' provider_key)`.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
 fn invocation_id(run_id: &str, node_id: &str, attempt: i32, provider_key: &str) -> String {
     if attempt < 0 {
         invalid(format!(
@@ -88,7 +88,7 @@ fn invocation_id(run_id: &str, node_id: &str, attempt: i32, provider_key: &str) 
 
 /// Layer 1 composite cache key: hex `sha256(tenant ':' endpoint ':' key)`; a NULL tenant is
 /// the caller; a NULL endpoint or key gives NULL (like a strict function).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(schema = "dispatched", stable, parallel_safe)]
 fn idempotency_cache_key(
     tenant: Option<&str>,
     endpoint: Option<&str>,
@@ -107,7 +107,7 @@ fn idempotency_cache_key(
 }
 
 /// `cache` or `release`: what idempotency_complete does with a status.
-#[pg_extern(immutable, parallel_safe)]
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
 fn _cache_decision(status: i32) -> &'static str {
     if !(100..=599).contains(&status) {
         invalid(format!(
@@ -121,7 +121,7 @@ fn _cache_decision(status: i32) -> &'static str {
 }
 
 /// A duration setting (`idempotency_retention`, ...) in milliseconds.
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(schema = "dispatched", stable, parallel_safe)]
 fn _setting_ms(name: &str) -> i64 {
     match settings::duration_ms(name) {
         Some(ms) => ms as i64,
@@ -130,19 +130,19 @@ fn _setting_ms(name: &str) -> i64 {
 }
 
 /// Whether the library was loaded by `shared_preload_libraries` (so workers can run).
-#[pg_extern(stable, parallel_safe)]
+#[pg_extern(schema = "dispatched", stable, parallel_safe)]
 fn _preloaded() -> bool {
     shmem::shared().is_some()
 }
 
 /// Wakes the workers when the calling transaction commits (nothing happens on abort).
-#[pg_extern(volatile)]
+#[pg_extern(schema = "dispatched", volatile)]
 fn _wake_workers_at_commit() {
     shmem::wake_workers_at_commit();
 }
 
 /// Wakes every `attach` when the calling transaction commits.
-#[pg_extern(volatile)]
+#[pg_extern(schema = "dispatched", volatile)]
 fn _run_finished_at_commit() {
     shmem::run_finished_at_commit();
 }
@@ -150,7 +150,7 @@ fn _run_finished_at_commit() {
 /// Waits until the run is finished (or unknown) or the timeout passes. Holds no lock and
 /// does not poll: it sleeps on a condition variable that is broadcast when a transaction that
 /// finished a run commits. Each check takes a fresh snapshot (READ COMMITTED).
-#[pg_extern(volatile)]
+#[pg_extern(schema = "dispatched", volatile)]
 fn _wait_finished(run_id: &str, timeout_ms: i64) -> bool {
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64);
     let cv = shmem::shared().map(|s| (&raw const s.run_finished).cast_mut());

@@ -53,7 +53,7 @@ pub fn encrypt_large_body(data: &mut Value, key: &str) {
 
 /// Decrypts a body stored encrypted in an event (superusers only; needs the same
 /// `dispatched.encryption_key`).
-#[pg_extern(stable)]
+#[pg_extern(schema = "dispatched", stable)]
 fn decrypt(value: JsonB) -> JsonB {
     let v = value.0;
     let field = |k: &str| {

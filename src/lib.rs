@@ -18,6 +18,11 @@ mod worker;
 #[path = "../pgrx-tests/mod.rs"]
 mod pgrx_tests;
 
+/// Declares the schema for pgrx; `sql/tables.sql` creates it first, so that it belongs to the
+/// extension and DROP EXTENSION removes it.
+#[pg_schema]
+mod dispatched {}
+
 extension_sql_file!("../sql/tables.sql", name = "tables", bootstrap);
 extension_sql_file!("../sql/workflows.sql", name = "workflows");
 extension_sql_file!("../sql/runs.sql", name = "runs");

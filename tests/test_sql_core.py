@@ -278,11 +278,6 @@ def test_drop_extension_removes_every_object_and_create_works_again(cluster):
         cluster.drop_database(db)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: PostgreSQL creates the control file's `schema = dispatched` before the "
-    "extension exists, so the schema is no member of it and DROP EXTENSION leaves it (empty)",
-)
 def test_drop_extension_removes_the_schema(cluster):
     db = cluster.create_database(extension=True)
     try:

@@ -355,12 +355,14 @@ pub fn perform(agent: &ureq::Agent, req: &OutRequest, lim: &Limits) -> Outcome {
         } else if is_json(content_type.as_deref()) {
             match serde_json::from_slice(&bytes) {
                 Ok(v) => v,
-                Err(e) => return failed(
-                    Failure::Permanent,
-                    format!(
+                Err(e) => {
+                    return failed(
+                        Failure::Permanent,
+                        format!(
                         "HTTP {status} with a JSON content type but a body that is not JSON: {e}"
                     ),
-                ),
+                    )
+                }
             }
         } else {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())

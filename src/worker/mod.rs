@@ -339,7 +339,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                     // (by its previous life, before a crash or restart) are due again at once,
                     // with the same attempt numbers.
                     match tx(|| store::release_leases(me)) {
-                        Ok(n) if n > 0 => log!("dispatched worker {me}: took back {n} tasks leased before a restart"),
+                        Ok(n) if n > 0 => log!(
+                            "dispatched worker {me}: took back {n} tasks leased before a restart"
+                        ),
                         Ok(_) => {}
                         Err(e) => warning!("dispatched worker {me}: {e}"),
                     }
