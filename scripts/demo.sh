@@ -7,6 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DIR=/tmp/dispatched-demo
 PORT=54329
+SVC_PORT=54330
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
 
 say() { printf '\n==> %s\n' "$*"; }
@@ -56,18 +57,48 @@ SELECT jsonb_pretty(dispatched.run(:'run_id')) AS run;
 SELECT seq, type, step, data FROM dispatched.events(:'run_id');
 SQL
 
-cat <<'NOTE'
+say "a local service on 127.0.0.1:$SVC_PORT (scripts/demo_service.py)"
+python3 scripts/demo_service.py "$SVC_PORT" &
+SVC_PID=$!
+trap 'kill $SVC_PID 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" "$SVC_PORT" 2>/dev/null && break
+  sleep 0.1
+done
 
-Note: the HTTP worker, which performs the steps, is still being written. Until it lands,
-runs stay "pending": start_run stores the run, signal keeps the signal for the step that
-waits for it, and attach answers {"message": "not ready"} when its timeout passes.
-NOTE
+say "an HTTP workflow: reserve, charge (retried after a 503), ship; compensations on failure"
+"${PSQL[@]}" -v svc="http://127.0.0.1:$SVC_PORT" <<'SQL'
+\pset pager off
+SELECT dispatched.define_workflow('order', format($${
+  "steps": [
+    {"id": "reserve",
+     "request": {"url": "%1$s/inventory/reserve", "body": {"sku": "{{ input.sku }}"}},
+     "compensate": {"url": "%1$s/inventory/release",
+                    "body": {"reservation_id": "{{ steps.reserve.response.body.reservation_id }}"}}},
+    {"id": "charge",
+     "request": {"url": "%1$s/payments/charge", "body": {"amount": "{{ input.amount }}"}},
+     "retry": {"max_attempts": 3, "initial_interval": "500ms"},
+     "compensate": {"url": "%1$s/payments/refund",
+                    "body": {"charge_id": "{{ steps.charge.response.body.charge_id }}"}}},
+    {"id": "ship",
+     "request": {"url": "%1$s/shipping/label", "body": {"address": "{{ input.address }}"}}}
+  ],
+  "output": {"label": "{{ steps.ship.response.body.label }}",
+             "charge": "{{ steps.charge.response.body.charge_id }}"}
+}$$, :'svc')::jsonb) AS version;
 
-# ---------------------------------------------------------------------------------------
-# HTTP WORKFLOW DEMO: NOT YET. When the HTTP worker lands, this is where the demo will start
-# a small local HTTP service on 127.0.0.1 and run a 3-step HTTP workflow against it
-# (request, retry, compensation), showing run() and events() of that run.
-# ---------------------------------------------------------------------------------------
+\echo '-- Run 1: everything succeeds (the charge after one retry):'
+SELECT dispatched.start_run('order', '{"sku": "book-1", "amount": 1200, "address": "Main St 1"}') AS ok_run \gset
+SELECT dispatched.attach(:'ok_run', '20s') AS output;
+SELECT seq, type, step, left(data::text, 110) AS data FROM dispatched.events(:'ok_run');
+
+\echo '-- Run 2: shipping refuses the address (422): the charge is refunded, the item released:'
+SELECT dispatched.start_run('order', '{"sku": "book-2", "amount": 900, "address": "nowhere"}') AS bad_run \gset
+SELECT dispatched.attach(:'bad_run', '20s') AS error;
+SELECT seq, type, step, left(data::text, 110) AS data FROM dispatched.events(:'bad_run');
+SELECT s->>'id' AS step, s->>'status' AS status, s->>'attempt' AS attempt
+  FROM jsonb_array_elements(dispatched.run(:'bad_run')->'steps') AS s;
+SQL
 
 cat <<EOF
 
