@@ -609,3 +609,56 @@ def test_restart_fast_mid_run_completes_the_run(connect, define_workflow, http_s
     assert attach(conn, run_id, "60s") == {"b": 2}
     assert {r.headers["Dispatched-Attempt"] for r in http_service.requests("/s1")} == {"1"}
     assert len(http_service.requests("/s2")) == 1
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+
+
+def test_a_slow_service_does_not_hold_up_other_runs(connect, define_workflow, http_service):
+    conn = connect()
+    http_service.script("/slow", Reply(200, {"slow": True}, delay=3.0))
+    http_service.script("/fast", Reply(200, {"fast": True}))
+    slow = define_workflow({"steps": [{"id": "s", "request": {"url": http_service.url("/slow")}}]})
+    fast = define_workflow({"steps": [{"id": "a", "request": {"url": http_service.url("/fast")}},
+                                      {"id": "b", "request": {"url": http_service.url("/fast")}}]})
+    slow_run = start(conn, slow)
+    http_service.wait_for("/slow", 1)
+    t0 = time.monotonic()
+    assert attach(conn, start(conn, fast), "10s") == {"fast": True}
+    assert time.monotonic() - t0 < 2.0  # done while the slow request is still on the wire
+    assert run_doc(conn, slow_run)["status"] == "running"
+    assert attach(conn, slow_run) == {"slow": True}
+
+
+@pytest.fixture(scope="module")
+def two_workers(dbname):
+    from harness import Cluster
+
+    c = Cluster(extra_conf=[f"dispatched.database = '{dbname}'", "dispatched.workers = 2"]).start()
+    try:
+        c.create_database(dbname, extension=True)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_two_workers_share_the_work_and_send_each_step_once(two_workers, dbname, http_service):
+    assert len(two_workers.worker_pids()) == 2
+    http_service.script("/step", lambda req: Reply(200, {"n": req.index}))
+    with two_workers.connect(dbname) as conn:
+        conn.execute("SELECT dispatched.define_workflow('pair', %s)", (Jsonb({"steps": [
+            {"id": "a", "request": {"url": http_service.url("/step")}},
+            {"id": "b", "request": {"url": http_service.url("/step")}},
+            {"id": "c", "request": {"url": http_service.url("/step")}}]}),))
+        ids = [r[0] for r in conn.execute(
+            "SELECT dispatched.start_run('pair', jsonb_build_object('i', g)) FROM generate_series(1, 200) g").fetchall()]
+        for run_id in ids:
+            assert run_doc(conn, run_id)["status"] in ("pending", "running", "completed")
+        for run_id in ids:
+            attach(conn, run_id, "60s")
+        statuses = conn.execute("SELECT status, count(*) FROM dispatched.runs GROUP BY 1").fetchall()
+        assert statuses == [("completed", 200)]
+    reqs = http_service.requests("/step")
+    keys = [(r.headers["Idempotency-Key"], r.headers["Dispatched-Attempt"]) for r in reqs]
+    assert len(keys) == 600
+    assert len(set(keys)) == 600  # no step sent twice
