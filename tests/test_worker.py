@@ -643,7 +643,7 @@ def two_workers(dbname):
 
 
 def test_two_workers_share_the_work_and_send_each_step_once(two_workers, dbname, http_service):
-    assert len(two_workers.worker_pids()) == 2
+    assert len(two_workers.wait_for_workers(2)) == 2
     http_service.script("/step", lambda req: Reply(200, {"n": req.index}))
     with two_workers.connect(dbname) as conn:
         conn.execute("SELECT dispatched.define_workflow('pair', %s)", (Jsonb({"steps": [

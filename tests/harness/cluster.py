@@ -262,6 +262,17 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         return pids
 
+    def wait_for_workers(self, n: int, timeout: float = 30.0) -> list[int]:
+        """Waits until n dispatched workers run (they start once their database exists)."""
+        deadline = time.monotonic() + timeout
+        pids: list[int] = []
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) >= n:
+                return pids
+            time.sleep(0.2)
+        raise TimeoutError(f"{n} workers not running after {timeout}s: {pids}")
+
     def wait_workers_replaced(self, old_pids: list[int], timeout: float = 60.0) -> list[int]:
         """After workers were killed: waits until the server accepts connections again and
         new workers (none of `old_pids`) run. Returns the new pids."""
