@@ -662,3 +662,19 @@ def test_two_workers_share_the_work_and_send_each_step_once(two_workers, dbname,
     keys = [(r.headers["Idempotency-Key"], r.headers["Dispatched-Attempt"]) for r in reqs]
     assert len(keys) == 600
     assert len(set(keys)) == 600  # no step sent twice
+
+
+def test_idempotency_header_invocation_sends_the_invocation_id(connect, define_workflow, http_service):
+    conn = connect()
+    http_service.script("/inv", [Reply(500), Reply(200, {"ok": 1})])
+    wf = define_workflow({"steps": [{"id": "pay", "request": {"url": http_service.url("/inv")},
+                                     "provider_key": "stripe:create-charge", "idempotency_header": "invocation"}]})
+    run_id = start(conn, wf)
+    assert attach(conn, run_id) == {"ok": 1}
+    first, second = http_service.requests("/inv")
+    for attempt, req in enumerate([first, second]):
+        inv = conn.execute("SELECT dispatched.invocation_id(%s, 'pay', %s, 'stripe:create-charge')", (run_id, attempt)).fetchone()[0]
+        assert req.headers["Idempotency-Key"] == inv
+        assert req.headers["Dispatched-Invocation"] == inv
+    # both attempts' outcomes are in the activity log, failure included
+    assert conn.execute("SELECT dispatched.lookup_invocation(%s)", (first.headers["Dispatched-Invocation"],)).fetchone()[0]["status"] == 500

@@ -19,7 +19,7 @@ use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use store::{Batch, Definitions, Res};
 
 /// How many tasks one claim takes at most.
@@ -428,7 +428,6 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
 
 /// Sleeps until the latch is set, an answer arrives on the pipe, or `ms` pass.
 fn wait(pipe_r: i32, ms: i64) {
-    let started = Instant::now();
     unsafe {
         pg_sys::WaitLatchOrSocket(
             pg_sys::MyLatch,
@@ -442,5 +441,4 @@ fn wait(pipe_r: i32, ms: i64) {
         );
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
-    let _ = started;
 }
