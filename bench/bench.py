@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""The dispatched benchmark: a throwaway cluster (fsync and synchronous_commit on) with the
+worker preloaded, nginx on 127.0.0.1 as the fast target, and the scenarios of issue 4. Prints a
+table and one JSON line per scenario (also appended to bench/results/<file>.jsonl).
+
+    python3 bench/bench.py [--scenarios throughput,latency,scale,slow] [--n 500,20000]
+                           [--scale-runs 100000] [--latency-runs 200] [--out FILE]
+
+Run it through bench/run.sh, which installs nginx and the release build first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness import Cluster  # noqa: E402
+from harness.net import free_port  # noqa: E402
+from psycopg.types.json import Jsonb  # noqa: E402
+
+DB = "bench"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+class Nginx:
+    """nginx answering POST /step/<n> with a small JSON body; logs key and attempt per request."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="dispatched-bench-nginx-"))
+        self.port = free_port()
+        conf = f"""
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  log_format bench '$uri $http_idempotency_key $http_dispatched_attempt';
+  access_log {self.dir}/access.log bench buffer=256k flush=1s;
+  client_body_temp_path {self.dir}/body;
+  proxy_temp_path {self.dir}/proxy;
+  fastcgi_temp_path {self.dir}/fastcgi;
+  uwsgi_temp_path {self.dir}/uwsgi;
+  scgi_temp_path {self.dir}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    location /step/ {{ default_type application/json; return 200 '{{"ok":true,"n":1}}'; }}
+  }}
+}}
+"""
+        (self.dir / "nginx.conf").write_text(conf)
+
+    def start(self) -> "Nginx":
+        subprocess.run(["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)], check=True)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def log_lines(self) -> list[str]:
+        # reopen the log so that buffered lines are written out
+        subprocess.run(["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir), "-s", "reopen"], check=True)
+        deadline = time.time() + 5
+        path = self.dir / "access.log"
+        lines: list[str] = []
+        while time.time() < deadline:
+            lines = path.read_text().splitlines() if path.exists() else []
+            time.sleep(0.3)
+            again = path.read_text().splitlines() if path.exists() else []
+            if len(again) == len(lines):
+                return again
+        return lines
+
+    def clear_log(self) -> None:
+        self.log_lines()
+        (self.dir / "access.log").write_text("")
+        subprocess.run(["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir), "-s", "reopen"], check=True)
+
+    def stop(self) -> None:
+        subprocess.run(["nginx", "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir), "-s", "stop"])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SlowTarget:
+    """An asyncio HTTP/1.1 server that answers every request after one second (keep-alive)."""
+
+    def __init__(self, delay: float = 1.0):
+        self.delay = delay
+        self.port = free_port()
+        self.count = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                if length:
+                    await reader.readexactly(length)
+                self.count += 1
+                await asyncio.sleep(self.delay)
+                body = b'{"slow":true}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=4096))
+        self.loop.run_forever()
+        server.close()
+
+    def start(self) -> "SlowTarget":
+        self.thread.start()
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+def pg_pids(cluster: Cluster) -> list[int]:
+    pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [pid] + [int(x) for x in out.split()]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICK
+
+
+def worker_hwm_kb(cluster: Cluster) -> int:
+    best = 0
+    for pid in cluster.worker_pids():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                best = max(best, int(line.split()[1]))
+    return best
+
+
+class Counters:
+    def __init__(self, conn, cluster):
+        self.conn = conn
+        self.cluster = cluster
+        self.polls = 0
+
+    def snap(self) -> dict:
+        row = self.conn.execute(
+            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),"
+            "       pg_snapshot_xmax(pg_current_snapshot())::text::bigint,"
+            "       pg_current_wal_lsn() - '0/0'::pg_lsn"
+        ).fetchone()
+        return {"commits": row[0], "xmax": row[1], "wal": int(row[2]), "cpu": cpu_seconds(pg_pids(self.cluster)),
+                "t": time.perf_counter(), "polls": self.polls}
+
+    def diff(self, a: dict, b: dict, steps: int) -> dict:
+        # pg_stat_database is updated by backends at transaction end (and flushed at most
+        # every 0.5 s): wait for the stats to settle before the final snapshot
+        polls = b["polls"] - a["polls"]
+        commits = b["commits"] - a["commits"] - polls - 1
+        return {
+            "commits_per_step": round(commits / steps, 4),
+            "writing_commits_per_step": round((b["xmax"] - a["xmax"]) / steps, 4),
+            "wal_bytes_per_step": round((b["wal"] - a["wal"]) / steps),
+            "pg_cpu_ms_per_step": round((b["cpu"] - a["cpu"]) * 1000 / steps, 4),
+        }
+
+
+def wait_drained(conn, counters: Counters, total_runs: int, progress=None, timeout: float = 3600) -> float:
+    """Polls (every 50 ms) until no task is left; returns the time it happened."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        left, done = conn.execute(
+            "SELECT (SELECT count(*) FROM dispatched.tasks), "
+            "       (SELECT count(*) FROM dispatched.runs WHERE status IN ('completed','failed','cancelled'))"
+        ).fetchone()
+        counters.polls += 1
+        now = time.perf_counter()
+        if progress:
+            progress(now, done)
+        if left == 0:
+            return now
+        time.sleep(0.05)
+    raise TimeoutError("runs did not drain")
+
+
+def define(conn, name: str, urls: list[str]) -> None:
+    conn.execute("SELECT dispatched.define_workflow(%s, %s)",
+                 (name, Jsonb({"steps": [{"id": f"s{i}", "request": {"url": u}} for i, u in enumerate(urls)]})))
+
+
+def check_exactly_once(nginx: Nginx, runs: int, steps: int) -> dict:
+    lines = nginx.log_lines()
+    keys = Counter(line.split()[1] for line in lines if line.startswith("/step/"))
+    return {"requests": sum(keys.values()), "distinct_steps": len(keys),
+            "exactly_once": len(keys) == runs * steps and all(v == 1 for v in keys.values())}
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+def reset(conn) -> None:
+    conn.execute("TRUNCATE dispatched.events, dispatched.steps, dispatched.tasks, dispatched.signals, "
+                 "dispatched.invocations, dispatched.runs")
+    conn.execute("CHECKPOINT")
+
+
+def throughput(conn, cluster, nginx, n: int) -> dict:
+    reset(conn)
+    nginx.clear_log()
+    counters = Counters(conn, cluster)
+    a = counters.snap()
+    conn.execute("SELECT dispatched.start_run('three', jsonb_build_object('i', g)) FROM generate_series(1, %s) g", (n,))
+    end = wait_drained(conn, counters, n)
+    time.sleep(0.6)
+    b = counters.snap()
+    steps = 3 * n
+    failed = conn.execute("SELECT count(*) FROM dispatched.runs WHERE status <> 'completed'").fetchone()[0]
+    return {"scenario": f"throughput_{n}", "runs": n, "steps": steps, "not_completed": failed,
+            "seconds": round(end - a["t"], 3), "steps_per_s": round(steps / (end - a["t"])),
+            **counters.diff(a, b, steps), "worker_peak_rss_kb": worker_hwm_kb(cluster),
+            **check_exactly_once(nginx, n, 3)}
+
+
+def latency(conn, cluster, nginx, runs: int) -> dict:
+    reset(conn)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run_id = conn.execute("SELECT dispatched.start_run('three')").fetchone()[0]
+        out = conn.execute("SELECT dispatched.attach(%s, '10s')", (run_id,)).fetchone()[0]
+        times.append((time.perf_counter() - t0) * 1000)
+        assert out.get("message") != "not ready", out
+    times.sort()
+    pick = lambda q: round(times[min(len(times) - 1, int(q * len(times)))], 2)  # noqa: E731
+    return {"scenario": "latency_3_steps", "runs": runs, "p50_ms": pick(0.50), "p90_ms": pick(0.90),
+            "p99_ms": pick(0.99), "max_ms": round(times[-1], 2)}
+
+
+def scale(conn, cluster, nginx, n: int) -> dict:
+    reset(conn)
+    counters = Counters(conn, cluster)
+    # enqueue the whole backlog in one transaction, so the drain starts from a full queue
+    t_enqueue = time.perf_counter()
+    with conn.transaction():
+        conn.execute("SELECT dispatched.start_run('three', jsonb_build_object('i', g)) FROM generate_series(1, %s) g", (n,))
+    a = counters.snap()
+    enqueue_s = a["t"] - t_enqueue
+    marks: dict[int, float] = {}
+    tenth = n // 10
+
+    def progress(now, done):
+        k = done // tenth
+        for i in range(1, k + 1):
+            marks.setdefault(i, now)
+
+    end = wait_drained(conn, counters, n, progress)
+    progress(end, n)
+    prev = a["t"]
+    per_tenth = []
+    for i in range(1, 11):
+        t = marks.get(i, end)
+        per_tenth.append(round(3 * tenth / max(t - prev, 1e-6)))
+        prev = t
+    return {"scenario": f"scale_{n}", "runs": n, "enqueue_s": round(enqueue_s, 2),
+            "drain_s": round(end - a["t"], 2), "steps_per_s_by_tenth": per_tenth,
+            "last_vs_first": round(per_tenth[-1] / per_tenth[0], 3) if per_tenth[0] else None,
+            "worker_peak_rss_kb": worker_hwm_kb(cluster)}
+
+
+def slow_services(conn, cluster, nginx, slow: SlowTarget, n: int) -> dict:
+    """10% of the steps hit a target that answers after 1 s: throughput of the other 90%."""
+    reset(conn)
+    counters = Counters(conn, cluster)
+    fast_runs = n - n // 10
+    a = counters.snap()
+    conn.execute("SELECT dispatched.start_run(CASE WHEN g %% 10 = 0 THEN 'slow3' ELSE 'three' END) "
+                 "FROM generate_series(1, %s) g", (n,))
+    fast_done_at = None
+    while True:
+        left_fast = conn.execute("SELECT count(*) FROM dispatched.runs WHERE workflow = 'three' AND status <> 'completed'").fetchone()[0]
+        counters.polls += 1
+        if left_fast == 0:
+            fast_done_at = time.perf_counter()
+            break
+        time.sleep(0.05)
+    end = wait_drained(conn, counters, n)
+    return {"scenario": f"slow_services_{n}", "runs": n, "fast_steps_per_s": round(3 * fast_runs / (fast_done_at - a["t"])),
+            "all_drained_s": round(end - a["t"], 2), "slow_requests": slow.count}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenarios", default="throughput,latency,scale,slow")
+    ap.add_argument("--n", default="500,20000")
+    ap.add_argument("--scale-runs", type=int, default=100_000)
+    ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--slow-runs", type=int, default=5000)
+    ap.add_argument("--conf", action="append", default=[], help="extra postgresql.conf line")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S.jsonl")))
+    args = ap.parse_args()
+    wanted = set(args.scenarios.split(","))
+
+    nginx = Nginx().start()
+    slow = SlowTarget().start()
+    cluster = Cluster(extra_conf=[
+        f"dispatched.database = '{DB}'",
+        "dispatched.max_concurrent_requests = 512",
+        "shared_buffers = '1GB'",
+        "max_wal_size = '4GB'",
+        "fsync = on",
+        "synchronous_commit = on",
+        *args.conf,
+    ]).start()
+    results = []
+    try:
+        cluster.create_database(DB, extension=True)
+        cluster.wait_for_workers(1)
+        with cluster.connect(DB) as conn:
+            define(conn, "three", [nginx.url(f"/step/{i}") for i in range(3)])
+            define(conn, "slow3", [slow.url(f"/slow/{i}") for i in range(3)])
+            if "throughput" in wanted:
+                for n in [int(x) for x in args.n.split(",") if x]:
+                    results.append(throughput(conn, cluster, nginx, n))
+                    print(json.dumps(results[-1]), flush=True)
+            if "latency" in wanted:
+                results.append(latency(conn, cluster, nginx, args.latency_runs))
+                print(json.dumps(results[-1]), flush=True)
+            if "slow" in wanted:
+                results.append(slow_services(conn, cluster, nginx, slow, args.slow_runs))
+                print(json.dumps(results[-1]), flush=True)
+            if "scale" in wanted:
+                results.append(scale(conn, cluster, nginx, args.scale_runs))
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        cluster.stop()
+        nginx.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    print()
+    print(f"{'scenario':28} figures")
+    for r in results:
+        figs = ", ".join(f"{k}={v}" for k, v in r.items() if k != "scenario")
+        print(f"{r['scenario']:28} {figs}")
+    print(f"\nresults appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())
