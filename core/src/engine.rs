@@ -577,11 +577,23 @@ impl<'r, 'd, 'e, 'a> M<'r, 'd, 'e, 'a> {
         match built {
             Ok(out) => {
                 let timeout = out.timeout_ms as i64;
+                // The Dispatched-* and Idempotency-Key headers are derived from the run, step,
+                // attempt and invocation shown here; the event keeps the others.
+                let shown: Vec<(String, String)> = out
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| {
+                        let n = n.to_ascii_lowercase();
+                        !n.starts_with("dispatched-") && n != "idempotency-key"
+                    })
+                    .cloned()
+                    .collect();
                 let ev = json!({
                     "attempt": attempt,
                     "method": out.method,
                     "url": redact::redact_str(&out.url, self.env.all_secrets),
-                    "headers": redact::headers_json(&out.headers, &out.secrets),
+                    "headers": redact::headers_json(&shown, &out.secrets),
+                    "idempotency_key": header_value(&out.headers, "idempotency-key"),
                     "invocation": out.invocation_id,
                 });
                 let invocation = out.invocation_id.clone();
@@ -1189,6 +1201,13 @@ fn render_url(run: &Run, def: &Definition, req: &Request, env: &Env) -> Result<S
         Value::String(s) => Ok(s),
         other => Err(format!("url: the expression gives {other}, not a string")),
     }
+}
+
+fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
 }
 
 fn as_header_text(v: Value) -> String {

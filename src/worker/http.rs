@@ -35,6 +35,8 @@ pub struct Done {
     pub req: OutRequest,
     pub claims: i32,
     pub outcome: Outcome,
+    /// how long the request took, first byte out to last byte in (redirects included)
+    pub duration: Duration,
 }
 
 pub struct Pool {
@@ -130,11 +132,13 @@ impl Pool {
                             Ok(l) => l.clone(),
                             Err(_) => return,
                         };
+                        let started = Instant::now();
                         let outcome = perform(&agent, &job.req, &lim);
                         let done = Done {
                             req: job.req,
                             claims: job.claims,
                             outcome,
+                            duration: started.elapsed(),
                         };
                         if tx.send(done).is_err() {
                             return;

@@ -118,6 +118,8 @@ impl Rng {
 struct Produced {
     requests: Vec<(OutRequest, i32)>,
     claimed: usize,
+    /// milliseconds until the next task is due (None: no task left)
+    next_due_ms: Option<i64>,
 }
 
 struct Worker {
@@ -191,6 +193,7 @@ impl Worker {
         Ok(Produced {
             requests,
             claimed: 0,
+            next_due_ms: None,
         })
     }
 
@@ -200,6 +203,7 @@ impl Worker {
             return Ok(Produced {
                 requests: Vec::new(),
                 claimed: 0,
+                next_due_ms: store::next_due_ms()?,
             });
         }
         let n = claimed.len();
@@ -212,6 +216,7 @@ impl Worker {
             &claims,
         )?;
         p.claimed = n;
+        p.next_due_ms = store::next_due_ms()?;
         Ok(p)
     }
 
@@ -252,7 +257,7 @@ impl Worker {
             current,
             |run, def, env, _| {
                 let d = by_run.get(run.id.as_str())?;
-                Some(engine::on_outcome(
+                let mut fx = engine::on_outcome(
                     run,
                     def,
                     env,
@@ -260,7 +265,22 @@ impl Worker {
                     d.req.compensate,
                     d.req.attempt,
                     d.outcome.clone(),
-                ))
+                );
+                // the attempt's duration goes on the first event about its outcome
+                if let Some(ev) = fx.events.iter_mut().find(|e| {
+                    e.step.as_deref() == Some(d.req.step_id.as_str())
+                        && matches!(
+                            e.kind,
+                            "step.response"
+                                | "step.retry_scheduled"
+                                | "step.failed"
+                                | "compensation.succeeded"
+                                | "compensation.failed"
+                        )
+                }) {
+                    ev.data["duration_ms"] = serde_json::json!(d.duration.as_secs_f64() * 1000.0);
+                }
+                Some(fx)
             },
             &claims,
         )
@@ -315,7 +335,8 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     let mut inflight: usize = 0;
     let mut pending: Vec<http::Done> = Vec::new();
     let mut said_waiting = false;
-    let mut reclaimed = false;
+    // the extension exists in the database (checked again after any error)
+    let mut ready = false;
     let mut failures: u32 = 0;
 
     while !BackgroundWorker::sigterm_received() {
@@ -332,9 +353,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
 
         let mut sleep_ms: i64 = MAX_SLEEP_MS;
-        match tx(store::extension_ready) {
-            Ok(true) => {
-                if said_waiting || !reclaimed {
+        if !ready {
+            match tx(store::extension_ready) {
+                Ok(true) => {
                     // This worker holds nothing in flight now: tasks leased under its number
                     // (by its previous life, before a crash or restart) are due again at once,
                     // with the same attempt numbers.
@@ -345,28 +366,30 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                         Ok(_) => {}
                         Err(e) => warning!("dispatched worker {me}: {e}"),
                     }
-                    reclaimed = true;
+                    ready = true;
+                    said_waiting = false;
                 }
-                said_waiting = false;
-            }
-            Ok(false) | Err(_) => {
-                if !said_waiting {
-                    log!("dispatched worker {me}: waiting for CREATE EXTENSION dispatched in database \"{db}\"");
-                    said_waiting = true;
+                Ok(false) | Err(_) => {
+                    if !said_waiting {
+                        log!("dispatched worker {me}: waiting for CREATE EXTENSION dispatched in database \"{db}\"");
+                        said_waiting = true;
+                    }
+                    wait(pipe_r, 5_000);
+                    continue;
                 }
-                wait(pipe_r, 5_000);
-                continue;
             }
         }
 
         let mut to_send: Vec<(OutRequest, i32)> = Vec::new();
         let mut busy = false;
+        let mut wrote = false;
         if !pending.is_empty() {
             let batch: Vec<http::Done> = std::mem::take(&mut pending);
             match tx(|| w.record(&batch)) {
                 Ok(p) => {
                     to_send.extend(p.requests);
                     failures = 0;
+                    wrote = true;
                 }
                 Err(e) => {
                     failures += 1;
@@ -375,6 +398,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                         pending = batch; // try again; until then the tasks stay leased
                     }
                     sleep_ms = 1000 * failures as i64;
+                    ready = false;
                 }
             }
         }
@@ -388,11 +412,16 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             match tx(|| w.claim_and_run(limit)) {
                 Ok(p) => {
                     busy = p.claimed == limit;
+                    wrote |= p.claimed > 0;
                     to_send.extend(p.requests);
+                    if let Some(ms) = p.next_due_ms {
+                        sleep_ms = ms.clamp(0, MAX_SLEEP_MS);
+                    }
                 }
                 Err(e) => {
                     warning!("dispatched worker {me}: claiming due steps failed: {e}");
                     sleep_ms = 1000;
+                    ready = false;
                 }
             }
         }
@@ -402,15 +431,13 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                 inflight += 1;
             }
         }
-        unsafe { pg_sys::pgstat_report_stat(true) };
+        if wrote {
+            // let autovacuum see the worker's churn
+            unsafe { pg_sys::pgstat_report_stat(true) };
+        }
 
         if busy {
             continue;
-        }
-        if sleep_ms == MAX_SLEEP_MS {
-            if let Ok(Some(ms)) = tx(store::next_due_ms) {
-                sleep_ms = ms.clamp(0, MAX_SLEEP_MS);
-            }
         }
         if sleep_ms > 0 {
             wait(pipe_r, sleep_ms);

@@ -314,10 +314,24 @@ pub struct Batch {
     pub cancels_out: Vec<(String, String, String)>,
     pub finished: bool,
     pub due_now: bool,
+    /// something other than sending requests happened (an answer recorded, a signal taken,
+    /// a wait timed out, a run finished, ...): the batch must commit synchronously
+    pub decided: bool,
 }
 
 impl Batch {
     pub fn add(&mut self, run: &Run, fx: &Effects, me: i32, encrypt: &dyn Fn(&mut Value)) {
+        let lease_only = !fx.finished
+            && fx.invocations.is_empty()
+            && fx.signals_taken.is_empty()
+            && fx.spawns.is_empty()
+            && fx
+                .events
+                .iter()
+                .all(|e| e.kind == "step.started" || e.kind == "compensation.started");
+        if !lease_only {
+            self.decided = true;
+        }
         if run.dirty || fx.finished {
             self.runs.push(json!({
                 "id": run.id, "status": run.status.as_str(), "step_index": run.step_index,
@@ -393,7 +407,16 @@ impl Batch {
     }
 
     /// Writes the batch: one statement per table.
+    ///
+    /// A batch that only starts attempts (claims leases and sends requests) commits
+    /// asynchronously: if it is lost in a crash, the same attempts are sent again with the same
+    /// numbers, which is what a crash with requests in flight does anyway. Any batch that
+    /// records an answer or decides anything commits synchronously, before anything is sent
+    /// or shown.
     pub fn flush(self, invocation_retention_ms: i64) -> Res<Batch> {
+        if !self.decided {
+            exec("SET LOCAL synchronous_commit TO off", &[])?;
+        }
         if !self.runs.is_empty() {
             exec(
                 "UPDATE dispatched.runs r
