@@ -118,10 +118,17 @@ def test_three_steps_with_expressions_headers_and_output(connect, define_workflo
     assert doc["steps"][2]["response"]["body"] == "queued"
     assert types(conn, run_id) == [
         "run.started",
-        "step.started", "step.response", "step.succeeded",
-        "step.started", "step.response", "step.succeeded",
-        "step.started", "step.response", "step.succeeded",
+        "step.started", "step.succeeded",
+        "step.started", "step.succeeded",
+        "step.started", "step.succeeded",
         "run.completed"]
+    succeeded = [d for t, _, d in events(conn, run_id) if t == "step.succeeded"]
+    assert [d["status"] for d in succeeded] == [201, 200, 202]
+    assert succeeded[0]["body"] == {"order_id": "o-7", "total": 4999}
+    assert all(isinstance(d["duration_ms"], float) and d["duration_ms"] > 0 for d in succeeded)
+    started = [d for t, _, d in events(conn, run_id) if t == "step.started"]
+    assert started[0]["idempotency_key"] == f"{run_id}/create-order"
+    assert started[0]["headers"]["authorization"] == "[redacted]"
     # Layer 2: every attempt's outcome is in the invocation log under its id
     assert conn.execute("SELECT dispatched.lookup_invocation(%s)", (expected_inv,)).fetchone()[0]["status"] == 201
 
@@ -559,7 +566,7 @@ def test_large_bodies_are_encrypted_in_events(bounded, dbname, http_service):
             {"id": "b", "request": {"url": http_service.url("/large")}}]}),))
         run_id = start(conn, "enc")
         assert attach(conn, run_id) == big
-        responses = {s: d for t, s, d in events(conn, run_id) if t == "step.response"}
+        responses = {s: d for t, s, d in events(conn, run_id) if t == "step.succeeded"}
         assert responses["a"]["body"] == small
         stored = responses["b"]["body"]
         assert stored["encrypted"] == "aes-256-gcm"

@@ -391,6 +391,8 @@ struct M<'r, 'd, 'e, 'a> {
     fx: Effects,
     /// a Dispatched-Delay received with a step that still waits for its signal
     pending_delay: u64,
+    /// the answer of a step that succeeds with it, for its step.succeeded event
+    pending_response: Option<Value>,
 }
 
 /// The run's task became due (start, next step, retry, delay end, signal, wait timeout, or a
@@ -468,6 +470,7 @@ impl<'r, 'd, 'e, 'a> M<'r, 'd, 'e, 'a> {
                 finished: false,
             },
             pending_delay: 0,
+            pending_response: None,
         }
     }
 
@@ -655,13 +658,16 @@ impl<'r, 'd, 'e, 'a> M<'r, 'd, 'e, 'a> {
                     rec.error = None;
                     rec.invocation = None;
                 }
-                self.event(
-                    "step.response",
-                    Some(i),
-                    json!({"attempt": attempt, "status": status,
-                           "headers": response["headers"], "body": response["body"]}),
-                );
+                let shown = json!({"attempt": attempt, "status": status,
+                                   "headers": response["headers"], "body": response["body"]});
                 let (delay, child) = self.apply_directives(i, &headers);
+                if child.is_some() || step.wait.is_some() {
+                    // the step goes on waiting: the answer gets an event of its own
+                    self.event("step.response", Some(i), shown);
+                } else {
+                    // the step is done: its answer goes into step.succeeded
+                    self.pending_response = Some(shown);
+                }
                 if let Some(child_id) = child {
                     let rec = self.step_mut(i);
                     rec.status = StepStatus::Waiting;
@@ -973,7 +979,10 @@ impl<'r, 'd, 'e, 'a> M<'r, 'd, 'e, 'a> {
             (rec.attempt, rec.signal.is_some())
         };
         let signal = self.run.steps[i].as_ref().and_then(|s| s.signal.clone());
-        let mut data = json!({"attempt": attempt});
+        let mut data = self
+            .pending_response
+            .take()
+            .unwrap_or_else(|| json!({"attempt": attempt}));
         if has_signal {
             data["signal"] = signal.unwrap_or(Value::Null);
         }
@@ -1479,10 +1488,7 @@ mod tests {
         assert_eq!(fx.task, TaskChange::Delete);
         assert_eq!(run.status, RunStatus::Completed);
         assert_eq!(run.output, Some(json!({"a": "x1", "c": 201})));
-        assert_eq!(
-            kinds(&fx),
-            vec!["step.response", "step.succeeded", "run.completed"]
-        );
+        assert_eq!(kinds(&fx), vec!["step.succeeded", "run.completed"]);
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl Worker {
                         && matches!(
                             e.kind,
                             "step.response"
+                                | "step.succeeded"
                                 | "step.retry_scheduled"
                                 | "step.failed"
                                 | "compensation.succeeded"
