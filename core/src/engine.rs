@@ -147,7 +147,8 @@ pub struct StepRec {
     pub comp_phase: Option<Phase>,
     /// the child run this step waits for
     pub child: Option<String>,
-    pub started: bool,
+    /// the row exists in the table (loaded); a new record is inserted, a stored one updated
+    pub stored: bool,
     pub finished: bool,
     pub dirty: bool,
 }
@@ -166,7 +167,7 @@ impl StepRec {
             comp_attempt: 0,
             comp_phase: None,
             child: None,
-            started: true,
+            stored: false,
             finished: false,
             dirty: true,
         }

@@ -140,7 +140,7 @@ fn parse_step(v: &Value) -> Option<(usize, StepRec)> {
                 .and_then(Value::as_str)
                 .and_then(Phase::parse),
             child: v.get("child").and_then(Value::as_str).map(String::from),
-            started: false,
+            stored: true,
             finished: false,
             dirty: false,
         },
@@ -201,7 +201,8 @@ fn parse_run(v: &Value) -> Option<Loaded> {
     })
 }
 
-/// Loads (and locks) runs.
+/// Loads runs. The caller holds their task rows locked (claimed or `lock_tasks`); `signal`
+/// and `cancel_run` lock the task row before the run, so the task lock alone keeps them out.
 pub fn load_runs(ids: &[String]) -> Res<Vec<Loaded>> {
     let rows = rows_json(
         "SELECT jsonb_build_object(
@@ -225,9 +226,7 @@ pub fn load_runs(ids: &[String]) -> Res<Vec<Loaded>> {
                           JOIN dispatched.invocations i ON i.tenant = r.tenant AND i.invocation_id = s.invocation
                          WHERE s.run_id = r.id AND s.idx = r.step_index))
            FROM dispatched.runs r
-          WHERE r.id = ANY($1)
-          ORDER BY r.id
-            FOR UPDATE OF r",
+          WHERE r.id = ANY($1)",
         &[ids.to_vec().into()],
     )?;
     Ok(rows.iter().filter_map(parse_run).collect())
@@ -303,6 +302,7 @@ fn ms_json(ms: Option<i64>) -> Value {
 pub struct Batch {
     runs: Vec<Value>,
     steps: Vec<Value>,
+    steps_new: Vec<Value>,
     events: Vec<Value>,
     task_set: Vec<Value>,
     task_delete: Vec<String>,
@@ -344,7 +344,12 @@ impl Batch {
             if !s.dirty {
                 continue;
             }
-            self.steps.push(json!({
+            let rows = if s.stored {
+                &mut self.steps
+            } else {
+                &mut self.steps_new
+            };
+            rows.push(json!({
                 "run_id": run.id, "idx": i, "status": s.status.as_str(), "phase": s.phase.as_str(),
                 "attempt": s.attempt, "response": s.response, "signal": s.signal, "error": s.error,
                 "wait_deadline_ms": ms_json(s.wait_deadline_ms), "invocation": s.invocation,
@@ -430,9 +435,9 @@ impl Batch {
                 &[JsonB(Value::Array(self.runs.clone())).into()],
             )?;
         }
-        if !self.steps.is_empty() {
+        if !self.steps_new.is_empty() {
             exec(
-                "INSERT INTO dispatched.steps AS s
+                "INSERT INTO dispatched.steps
                         (run_id, idx, step_id, status, phase, attempt, response, signal, error,
                          wait_deadline, invocation, comp_attempt, comp_phase, child,
                          started_at, finished_at, updated_at)
@@ -445,15 +450,24 @@ impl Batch {
                         attempt int, response jsonb, signal jsonb, error jsonb, wait_deadline_ms bigint,
                         invocation text, comp_attempt int, comp_phase text, child text, finished bool)
                    JOIN dispatched.runs r ON r.id = x.run_id
-                   JOIN dispatched.workflows w ON w.name = r.workflow AND w.version = r.version
-                 ON CONFLICT (run_id, idx) DO UPDATE
-                    SET status = EXCLUDED.status, phase = EXCLUDED.phase, attempt = EXCLUDED.attempt,
-                        response = EXCLUDED.response, signal = EXCLUDED.signal, error = EXCLUDED.error,
-                        wait_deadline = EXCLUDED.wait_deadline, invocation = EXCLUDED.invocation,
-                        comp_attempt = EXCLUDED.comp_attempt, comp_phase = EXCLUDED.comp_phase,
-                        child = EXCLUDED.child,
-                        finished_at = coalesce(EXCLUDED.finished_at, s.finished_at),
-                        updated_at = EXCLUDED.updated_at",
+                   JOIN dispatched.workflows w ON w.name = r.workflow AND w.version = r.version",
+                &[JsonB(Value::Array(self.steps_new.clone())).into()],
+            )?;
+        }
+        if !self.steps.is_empty() {
+            exec(
+                "UPDATE dispatched.steps s
+                    SET status = x.status, phase = x.phase, attempt = x.attempt,
+                        response = x.response, signal = x.signal, error = x.error,
+                        wait_deadline = to_timestamp(x.wait_deadline_ms / 1000.0),
+                        invocation = x.invocation, comp_attempt = x.comp_attempt,
+                        comp_phase = x.comp_phase, child = x.child,
+                        finished_at = CASE WHEN x.finished THEN coalesce(s.finished_at, clock_timestamp()) END,
+                        updated_at = clock_timestamp()
+                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, status text, phase text,
+                        attempt int, response jsonb, signal jsonb, error jsonb, wait_deadline_ms bigint,
+                        invocation text, comp_attempt int, comp_phase text, child text, finished bool)
+                  WHERE s.run_id = x.run_id AND s.idx = x.idx",
                 &[JsonB(Value::Array(self.steps.clone())).into()],
             )?;
         }
@@ -491,12 +505,12 @@ impl Batch {
             )?;
         }
         if !self.task_set.is_empty() {
+            // every run the worker processes holds its task row (claimed or locked)
             exec(
-                "INSERT INTO dispatched.tasks AS t (run_id, due_at, lease_owner)
-                 SELECT x.run_id, to_timestamp(x.due_ms / 1000.0), x.lease_owner
+                "UPDATE dispatched.tasks t
+                    SET due_at = to_timestamp(x.due_ms / 1000.0), lease_owner = x.lease_owner
                    FROM jsonb_to_recordset($1) AS x(run_id text, due_ms bigint, lease_owner int)
-                 ON CONFLICT (run_id) DO UPDATE
-                    SET due_at = EXCLUDED.due_at, lease_owner = EXCLUDED.lease_owner",
+                  WHERE t.run_id = x.run_id",
                 &[JsonB(Value::Array(self.task_set.clone())).into()],
             )?;
         }
