@@ -41,7 +41,7 @@ BEGIN
     IF r.status = 'waiting' AND r.waiting_for = p_name THEN
         INSERT INTO dispatched.tasks AS t (run_id, due_at) VALUES (p_run, now())
         ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
-            WHERE t.lease_owner IS NULL;
+            WHERE t.lease_until IS NULL;
         PERFORM dispatched._wake_workers_at_commit();
     END IF;
     RETURN true;
@@ -90,7 +90,7 @@ BEGIN
         SELECT p.id, clock_timestamp() FROM dispatched.runs p
          WHERE p.id = r.parent AND p.waiting_for = 'child:' || p_run
         ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
-            WHERE t.lease_owner IS NULL;
+            WHERE t.lease_until IS NULL;
     END IF;
     PERFORM dispatched._run_finished_at_commit();
     PERFORM dispatched._wake_workers_at_commit();

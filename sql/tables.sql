@@ -5,8 +5,9 @@
 -- Design for the worker's hot path:
 --   * `tasks` is the queue: one narrow row per run that has something to do at a due time
 --     (start, next step, retry, delay, wait timeout). Workers claim due rows in batches with
---     FOR UPDATE SKIP LOCKED over the index on due_at; a claim moves due_at to the end of a
---     lease, so a worker that dies leaves the row to be claimed again when the lease ends.
+--     FOR UPDATE SKIP LOCKED over the index on due_at; a claim sets a lease (lease_owner,
+--     lease_until) without touching due_at, so claims and lease renewals are HOT updates, and
+--     a worker that dies leaves the row to be claimed again when the lease ends.
 --     A run that waits for a signal without a timeout, or is finished, has no task row, so
 --     the queue and its index hold only live work and stay small.
 --   * `runs` and `steps` are updated in place at every transition; they carry no index on
@@ -95,9 +96,13 @@ CREATE TABLE dispatched.steps (
 -- The queue: what is due when. See the header.
 CREATE TABLE dispatched.tasks (
     run_id       text        PRIMARY KEY REFERENCES dispatched.runs (id) ON DELETE CASCADE,
+    -- when the task is due; a lease leaves it as it is (so lease updates are HOT)
     due_at       timestamptz NOT NULL,
-    -- which worker holds the lease (NULL: nobody) and how many times the task was claimed
+    -- which worker holds the lease and until when (NULL: nobody); a leased task is claimed
+    -- again only once its lease has run out
     lease_owner  integer,
+    lease_until  timestamptz,
+    -- how many times the task was claimed: an answer counts only for the current claim
     claims       integer     NOT NULL DEFAULT 0
 ) WITH (fillfactor = 70);
 

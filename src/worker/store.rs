@@ -57,12 +57,13 @@ pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
         "WITH due AS (
              SELECT t.run_id FROM dispatched.tasks t
               WHERE t.due_at <= clock_timestamp()
+                AND (t.lease_until IS NULL OR t.lease_until <= clock_timestamp())
               ORDER BY t.due_at
               LIMIT $1
               FOR UPDATE SKIP LOCKED)
          UPDATE dispatched.tasks t
-            SET due_at = clock_timestamp() + $3 * interval '1 millisecond',
-                lease_owner = $2, claims = t.claims + 1
+            SET lease_owner = $2, lease_until = clock_timestamp() + $3 * interval '1 millisecond',
+                claims = t.claims + 1
            FROM due
           WHERE t.run_id = due.run_id
          RETURNING jsonb_build_array(t.run_id, t.claims)",
@@ -78,7 +79,7 @@ pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
 /// in flight). Returns how many.
 pub fn release_leases(me: i32) -> Res<i64> {
     let rows = rows_json(
-        "WITH r AS (UPDATE dispatched.tasks t SET due_at = clock_timestamp(), lease_owner = NULL
+        "WITH r AS (UPDATE dispatched.tasks t SET lease_owner = NULL, lease_until = NULL
                      WHERE t.lease_owner = $1 RETURNING 1)
          SELECT to_jsonb(count(*)) FROM r",
         &[me.into()],
@@ -369,7 +370,7 @@ impl Batch {
                 .push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": null})),
             TaskChange::Lease(ms) => self
                 .task_set
-                .push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": me})),
+                .push(json!({"run_id": run.id, "lease_ms": ms, "lease_owner": me})),
             TaskChange::Delete => self.task_delete.push(run.id.clone()),
         }
         for inv in &fx.invocations {
@@ -508,8 +509,11 @@ impl Batch {
             // every run the worker processes holds its task row (claimed or locked)
             exec(
                 "UPDATE dispatched.tasks t
-                    SET due_at = to_timestamp(x.due_ms / 1000.0), lease_owner = x.lease_owner
-                   FROM jsonb_to_recordset($1) AS x(run_id text, due_ms bigint, lease_owner int)
+                    SET due_at = coalesce(to_timestamp(x.due_ms / 1000.0), t.due_at),
+                        lease_owner = x.lease_owner,
+                        lease_until = to_timestamp(x.lease_ms / 1000.0)
+                   FROM jsonb_to_recordset($1) AS x(run_id text, due_ms bigint, lease_ms bigint,
+                        lease_owner int)
                   WHERE t.run_id = x.run_id",
                 &[JsonB(Value::Array(self.task_set.clone())).into()],
             )?;
@@ -600,11 +604,16 @@ fn invalid_directive(run: &str, header: &str, value: &str, reason: &str) -> Res<
     )
 }
 
-/// Milliseconds until the next due task (None: no task at all).
+/// Milliseconds until the next due task or the end of the next lease (None: no task).
 pub fn next_due_ms() -> Res<Option<i64>> {
+    // Leased tasks have a due time in the past, so both parts read only the start of the
+    // due_at index, however many tasks wait further ahead.
     let rows = rows_json(
-        "SELECT to_jsonb((extract(epoch FROM (min(t.due_at) - clock_timestamp())) * 1000)::bigint)
-           FROM dispatched.tasks t",
+        "SELECT to_jsonb((extract(epoch FROM (least(
+                    (SELECT min(t.due_at) FROM dispatched.tasks t WHERE t.lease_until IS NULL),
+                    (SELECT min(t.lease_until) FROM dispatched.tasks t
+                      WHERE t.due_at <= clock_timestamp() AND t.lease_until IS NOT NULL))
+                - clock_timestamp())) * 1000)::bigint)",
         &[],
     )?;
     Ok(rows.first().and_then(Value::as_i64))
