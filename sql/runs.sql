@@ -115,7 +115,8 @@ BEGIN
                        'error', s.error,
                        'started_at', s.started_at,
                        'finished_at', s.finished_at) ORDER BY d.n)
-              FROM jsonb_array_elements(w.definition -> 'steps') WITH ORDINALITY AS d (step, n)
+              FROM jsonb_array_elements(CASE WHEN jsonb_typeof(w.definition -> 'steps') = 'array'
+                                         THEN w.definition -> 'steps' ELSE '[]' END) WITH ORDINALITY AS d (step, n)
               LEFT JOIN dispatched.steps s ON s.run_id = r.id AND s.idx = d.n - 1
         ), '[]'::jsonb),
         'created_at', r.created_at,

@@ -685,3 +685,20 @@ def test_idempotency_header_invocation_sends_the_invocation_id(connect, define_w
         assert req.headers["Dispatched-Invocation"] == inv
     # both attempts' outcomes are in the activity log, failure included
     assert conn.execute("SELECT dispatched.lookup_invocation(%s)", (first.headers["Dispatched-Invocation"],)).fetchone()[0]["status"] == 500
+
+
+def test_a_run_whose_definition_cannot_be_read_fails_alone(connect, define_workflow, http_service):
+    conn = connect()
+    http_service.script("/fine", Reply(200, {"fine": True}))
+    good = define_workflow({"steps": [{"id": "s", "request": {"url": http_service.url("/fine")}}]})
+    bad = define_workflow({"steps": [{"id": "s", "request": {"url": http_service.url("/fine")}}]})
+    # a definition damaged behind the API's back (as a superuser could)
+    conn.execute("UPDATE dispatched.workflows SET definition = '{\"steps\": \"not a list\"}' WHERE name = %s", (bad,))
+    with conn.transaction():  # both runs become due at once, in one batch
+        bad_run = start(conn, bad)
+        good_run = start(conn, good)
+    assert attach(conn, good_run) == {"fine": True}
+    doc = finish(conn, bad_run)
+    assert doc["status"] == "failed"
+    assert doc["error"]["message"].startswith("the workflow definition cannot be read: ")
+    assert "steps: must be an array" in doc["error"]["message"]

@@ -165,7 +165,17 @@ impl Worker {
         let mut jitter = || rng.next();
         let mut new_id = api::new_run_id;
         for mut l in loaded {
-            let def = self.defs.get(&l.workflow, l.version)?;
+            let def = match self.defs.get(&l.workflow, l.version) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Never let one run stop a batch: a definition that cannot be read fails
+                    // its run, with the reason.
+                    warning!("dispatched: run {}: {e}", l.run.id);
+                    let fx = fail_unreadable(&mut l.run, &e);
+                    batch.add(&l.run, &fx, self.me, &encrypt);
+                    continue;
+                }
+            };
             let mut env = Env {
                 now_ms: now_ms(),
                 default_timeout_ms: default_timeout,
@@ -285,6 +295,32 @@ impl Worker {
             },
             &claims,
         )
+    }
+}
+
+/// Fails a run whose definition cannot be read.
+fn fail_unreadable(run: &mut engine::Run, why: &str) -> engine::Effects {
+    let error = serde_json::json!({"message": format!("the workflow definition cannot be read: {why}"),
+                                   "step": null, "status": null});
+    run.status = engine::RunStatus::Failed;
+    run.error = Some(error.clone());
+    run.waiting_for = None;
+    run.dirty = true;
+    engine::Effects {
+        events: vec![engine::Event {
+            run_id: run.id.clone(),
+            kind: "run.failed",
+            step: None,
+            data: serde_json::json!({"error": error}),
+        }],
+        requests: Vec::new(),
+        task: engine::TaskChange::Delete,
+        invocations: Vec::new(),
+        signals_taken: Vec::new(),
+        spawns: Vec::new(),
+        signals_out: Vec::new(),
+        cancels_out: Vec::new(),
+        finished: true,
     }
 }
 

@@ -230,7 +230,17 @@ pub fn load_runs(ids: &[String]) -> Res<Vec<Loaded>> {
           WHERE r.id = ANY($1)",
         &[ids.to_vec().into()],
     )?;
-    Ok(rows.iter().filter_map(parse_run).collect())
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match parse_run(row) {
+            Some(l) => out.push(l),
+            None => warning!(
+                "dispatched: run {} has a state the worker cannot read; it is left alone",
+                row.get("id").and_then(Value::as_str).unwrap_or("?")
+            ),
+        }
+    }
+    Ok(out)
 }
 
 /// Workflow definitions by (name, version), parsed once per worker.
