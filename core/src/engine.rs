@@ -1191,7 +1191,12 @@ fn provider_key_of(run: &Run, def: &Definition, i: usize, compensate: bool, env:
         step.request.as_ref()
     };
     let Some(req) = req else { return String::new() };
-    let url = render_url(run, def, req, env).unwrap_or_default();
+    // a URL without expressions needs no rendering
+    let url = if req.url.contains("{{") {
+        render_url(run, def, req, env).unwrap_or_default()
+    } else {
+        req.url.clone()
+    };
     let authority = hosts::parse_url(&url)
         .map(|p| p.authority)
         .unwrap_or_default();

@@ -172,7 +172,7 @@ impl Worker {
                     // its run, with the reason.
                     warning!("dispatched: run {}: {e}", l.run.id);
                     let fx = fail_unreadable(&mut l.run, &e);
-                    batch.add(&l.run, &fx, self.me, &encrypt);
+                    batch.add(&l.run, &[], &fx, self.me, &encrypt);
                     continue;
                 }
             };
@@ -189,7 +189,8 @@ impl Worker {
             let Some(fx) = call(&mut l.run, &def, &mut env, logged) else {
                 continue;
             };
-            batch.add(&l.run, &fx, self.me, &encrypt);
+            let step_ids: Vec<&str> = def.steps.iter().map(|s| s.id.as_str()).collect();
+            batch.add(&l.run, &step_ids, &fx, self.me, &encrypt);
             let claims = claims_of.get(&l.run.id).copied().unwrap_or(0);
             requests.extend(fx.requests.into_iter().map(|r| (r, claims)));
         }

@@ -331,7 +331,15 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn add(&mut self, run: &Run, fx: &Effects, me: i32, encrypt: &dyn Fn(&mut Value)) {
+    /// `step_ids`: the ids of the run's steps, in order (from its definition).
+    pub fn add(
+        &mut self,
+        run: &Run,
+        step_ids: &[&str],
+        fx: &Effects,
+        me: i32,
+        encrypt: &dyn Fn(&mut Value),
+    ) {
         let lease_only = !fx.finished
             && fx.invocations.is_empty()
             && fx.signals_taken.is_empty()
@@ -361,7 +369,7 @@ impl Batch {
                 &mut self.steps_new
             };
             rows.push(json!({
-                "run_id": run.id, "idx": i, "status": s.status.as_str(), "phase": s.phase.as_str(),
+                "run_id": run.id, "idx": i, "step_id": step_ids.get(i).copied().unwrap_or(""), "status": s.status.as_str(), "phase": s.phase.as_str(),
                 "attempt": s.attempt, "response": s.response, "signal": s.signal, "error": s.error,
                 "wait_deadline_ms": ms_json(s.wait_deadline_ms), "invocation": s.invocation,
                 "comp_attempt": s.comp_attempt, "comp_phase": s.comp_phase.map(|p| p.as_str()),
@@ -452,16 +460,15 @@ impl Batch {
                         (run_id, idx, step_id, status, phase, attempt, response, signal, error,
                          wait_deadline, invocation, comp_attempt, comp_phase, child,
                          started_at, finished_at, updated_at)
-                 SELECT x.run_id, x.idx, (w.definition -> 'steps' -> x.idx ->> 'id'), x.status, x.phase,
+                 SELECT x.run_id, x.idx, x.step_id, x.status, x.phase,
                         x.attempt, x.response, x.signal, x.error,
                         to_timestamp(x.wait_deadline_ms / 1000.0), x.invocation, x.comp_attempt,
                         x.comp_phase, x.child, clock_timestamp(),
                         CASE WHEN x.finished THEN clock_timestamp() END, clock_timestamp()
-                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, status text, phase text,
-                        attempt int, response jsonb, signal jsonb, error jsonb, wait_deadline_ms bigint,
-                        invocation text, comp_attempt int, comp_phase text, child text, finished bool)
-                   JOIN dispatched.runs r ON r.id = x.run_id
-                   JOIN dispatched.workflows w ON w.name = r.workflow AND w.version = r.version",
+                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, step_id text, status text,
+                        phase text, attempt int, response jsonb, signal jsonb, error jsonb,
+                        wait_deadline_ms bigint, invocation text, comp_attempt int, comp_phase text,
+                        child text, finished bool)",
                 &[JsonB(Value::Array(self.steps_new.clone())).into()],
             )?;
         }
