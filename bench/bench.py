@@ -164,13 +164,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def worker_hwm_kb(cluster: Cluster) -> int:
-    best = 0
+def worker_anon_kb(cluster: Cluster) -> int:
+    """The workers' private memory (RssAnon): VmRSS would also count the shared buffers they
+    touched."""
+    total = 0
     for pid in cluster.worker_pids():
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                best = max(best, int(line.split()[1]))
-    return best
+            if line.startswith("RssAnon:"):
+                total += int(line.split()[1])
+    return total
 
 
 class Counters:
@@ -178,6 +180,10 @@ class Counters:
         self.conn = conn
         self.cluster = cluster
         self.polls = 0
+        self.peak_anon_kb = 0
+
+    def sample_memory(self) -> None:
+        self.peak_anon_kb = max(self.peak_anon_kb, worker_anon_kb(self.cluster))
 
     def snap(self) -> dict:
         row = self.conn.execute(
@@ -210,6 +216,8 @@ def wait_drained(conn, counters: Counters, total_runs: int, progress=None, timeo
             "       (SELECT count(*) FROM dispatched.runs WHERE status IN ('completed','failed','cancelled'))"
         ).fetchone()
         counters.polls += 1
+        if counters.polls % 10 == 0:
+            counters.sample_memory()
         now = time.perf_counter()
         if progress:
             progress(now, done)
@@ -253,7 +261,7 @@ def throughput(conn, cluster, nginx, n: int) -> dict:
     failed = conn.execute("SELECT count(*) FROM dispatched.runs WHERE status <> 'completed'").fetchone()[0]
     return {"scenario": f"throughput_{n}", "runs": n, "steps": steps, "not_completed": failed,
             "seconds": round(end - a["t"], 3), "steps_per_s": round(steps / (end - a["t"])),
-            **counters.diff(a, b, steps), "worker_peak_rss_kb": worker_hwm_kb(cluster),
+            **counters.diff(a, b, steps), "worker_peak_anon_kb": counters.peak_anon_kb,
             **check_exactly_once(nginx, n, 3)}
 
 
@@ -300,7 +308,7 @@ def scale(conn, cluster, nginx, n: int) -> dict:
     return {"scenario": f"scale_{n}", "runs": n, "enqueue_s": round(enqueue_s, 2),
             "drain_s": round(end - a["t"], 2), "steps_per_s_by_tenth": per_tenth,
             "last_vs_first": round(per_tenth[-1] / per_tenth[0], 3) if per_tenth[0] else None,
-            "worker_peak_rss_kb": worker_hwm_kb(cluster)}
+            "worker_peak_anon_kb": counters.peak_anon_kb, "worker_anon_kb_at_end": worker_anon_kb(cluster)}
 
 
 def slow_services(conn, cluster, nginx, slow: SlowTarget, n: int) -> dict:
