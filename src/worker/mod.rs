@@ -7,6 +7,7 @@
 //! answer arrives (a byte on a pipe), or the next task is due. No transaction or row lock
 //! is held while a request is on the wire.
 
+mod deepjson;
 mod http;
 pub mod store;
 
