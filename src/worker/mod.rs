@@ -9,6 +9,7 @@
 
 mod deepjson;
 mod http;
+mod purge;
 pub mod store;
 
 use crate::{api, crypto, settings, shmem};
@@ -318,6 +319,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     let mut said_waiting = false;
     let mut reclaimed = false;
     let mut failures: u32 = 0;
+    let mut purger = purge::Purger::default();
 
     while !BackgroundWorker::sigterm_received() {
         if BackgroundWorker::sighup_received() {
@@ -405,6 +407,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
         unsafe { pg_sys::pgstat_report_stat(true) };
 
+        let purge_in_ms = purger.tick(me);
         if busy {
             continue;
         }
@@ -413,6 +416,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                 sleep_ms = ms.clamp(0, MAX_SLEEP_MS);
             }
         }
+        sleep_ms = sleep_ms.min(purge_in_ms);
         if sleep_ms > 0 {
             wait(pipe_r, sleep_ms);
         }
