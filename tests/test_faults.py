@@ -5,8 +5,8 @@ refuses connections, answers 200 with broken JSON under a JSON content type, ans
 body over max_response_bytes, redirects in a loop; kill -9 of the worker mid-request; a fast
 restart mid-run. This file adds: answers cut off mid-body or never given, a body sent byte by
 byte past the step timeout, a DNS name that does not resolve, TLS with an untrusted
-certificate, a deeply nested response body, `pg_ctl stop -m immediate` under a load of runs,
-and the database turned read-only while runs are due."""
+certificate, a deeply nested response body, kill -9 of the worker and `pg_ctl stop -m
+immediate` under a load of runs, and the database turned read-only while runs are due."""
 
 from __future__ import annotations
 
@@ -228,6 +228,33 @@ def test_stop_immediate_under_load_loses_nothing_and_doubles_nothing(crashable, 
     print(f"stop -m immediate under load: {len(reqs)} requests for {len(ids) * 2} steps, {resent} sent again")
     # only what was in flight at the crash is sent again: at most the worker's capacity
     assert resent <= 64, resent
+
+
+def test_kill_9_of_the_worker_with_a_batch_in_flight_loses_nothing(crashable, dbname, http_service):
+    http_service.script("/k", lambda req: Reply(200, {"n": req.index}, delay=0.3))
+    with crashable.connect(dbname) as conn:
+        conn.execute("SELECT dispatched.define_workflow('kill', %s)", (Jsonb({"steps": [
+            {"id": "a", "request": {"url": http_service.url("/k")}},
+            {"id": "b", "request": {"url": http_service.url("/k")}}]}),))
+        ids = [r[0] for r in conn.execute(
+            "SELECT dispatched.start_run('kill', jsonb_build_object('i', g)) FROM generate_series(1, 100) g").fetchall()]
+    http_service.wait(lambda reqs: len(reqs) >= 30, timeout=30, what="30 requests of the load")
+    killed = crashable.kill_workers()
+    assert killed
+    crashable.wait_workers_replaced(killed)
+    with crashable.connect(dbname) as conn:
+        for run_id in ids:
+            attach(conn, run_id, "60s")
+        statuses = conn.execute(
+            "SELECT status, count(*) FROM dispatched.runs WHERE id = ANY(%s) GROUP BY 1", (ids,)).fetchall()
+        assert statuses == [("completed", 100)]
+        doubled = conn.execute("""
+            SELECT e.run_id, e.step FROM dispatched.events e
+             WHERE e.run_id = ANY(%s) AND e.type = 'step.succeeded'
+             GROUP BY e.run_id, e.step HAVING count(*) > 1""", (ids,)).fetchall()
+        assert doubled == []
+    resent = check_sent_at_most_twice(http_service.requests("/k"), ids, ["a", "b"])
+    assert 0 < resent <= 64, resent  # the batch in flight at the kill, and only it, went again
 
 
 def test_a_read_only_database_makes_the_worker_back_off_and_resume(crashable, dbname, http_service):
