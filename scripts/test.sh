@@ -5,11 +5,12 @@
 #                               release build of the extension
 #   2. cargo fmt --check        formatting
 #   3. cargo clippy             lints, warnings are errors
-#   4. cargo test -p dispatched-core      unit tests of the pure core
-#   5. cargo pgrx test pg15     in-database tests (pgrx-tests/), in a throwaway cluster run
+#   4. scripts/pgspot.sh        pgspot over the generated install script
+#   5. cargo test -p dispatched-core      unit tests of the pure core
+#   6. cargo pgrx test pg15     in-database tests (pgrx-tests/), in a throwaway cluster run
 #                               as postgres
-#   6. reinstall the release build (step 5 installs its test build in its place)
-#   7. python3 -m pytest tests/ black-box tests against the release build, in throwaway
+#   7. reinstall the release build (step 6 installs its test build in its place)
+#   8. python3 -m pytest tests/ black-box tests against the release build, in throwaway
 #                               clusters started by the tests themselves
 #
 # Stops at the first failing step and exits non-zero; ends with each step's time and the
@@ -82,6 +83,10 @@ done_step
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --all-targets -- -D warnings
+done_step
+
+step "pgspot over the extension's SQL (scripts/pgspot.sh)"
+bash scripts/pgspot.sh --release
 done_step
 
 step "cargo test -p dispatched-core (unit tests of the pure core)"

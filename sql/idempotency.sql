@@ -145,6 +145,7 @@ BEGIN
     IF $5 IS NULL THEN
         RAISE EXCEPTION 'outcome: required' USING ERRCODE = '22023';
     END IF;
+    PERFORM dispatched._check_json_depth('outcome', $5::text);
     v_id := dispatched.invocation_id($1, $2, $3, $4);
 
     INSERT INTO dispatched.invocations AS i

@@ -34,6 +34,8 @@ BEGIN
     IF $4 IS NOT NULL AND $4 < interval '0' THEN
         RAISE EXCEPTION 'delay: must not be negative, got %', $4 USING ERRCODE = '22023';
     END IF;
+    -- the worker reads the input back: refuse what it could not parse (counted, not recursed)
+    PERFORM dispatched._check_json_depth('input', v_input::text);
 
     SELECT max(w.version) INTO v_version FROM dispatched.workflows w WHERE w.name = $1;
     IF v_version IS NULL THEN
@@ -208,6 +210,9 @@ BEGIN
     PERFORM dispatched._check_name('signal name', $2, true);
     IF $4 IS NOT NULL THEN
         PERFORM dispatched._check_key('idempotency_key', $4);
+    END IF;
+    IF $3 IS NOT NULL THEN
+        PERFORM dispatched._check_json_depth('data', $3::text);
     END IF;
     v_delivered := dispatched._deliver_signal($1, $2, $3, $4,
         CASE WHEN dispatched._caller_is_superuser() THEN NULL ELSE dispatched._caller() END);

@@ -24,9 +24,9 @@ CREATE SCHEMA dispatched;
 -- Workflow definitions, one row per version. Runs keep the version they started with.
 CREATE TABLE dispatched.workflows (
     name        text        NOT NULL,
-    version     integer     NOT NULL CHECK (version > 0),
+    version     integer     NOT NULL CHECK (version OPERATOR(pg_catalog.>) 0),
     definition  jsonb       NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by  text        NOT NULL,
     PRIMARY KEY (name, version)
 );
@@ -41,7 +41,7 @@ CREATE TABLE dispatched.runs (
     version          integer     NOT NULL,
     input            jsonb       NOT NULL,
     status           text        NOT NULL DEFAULT 'pending'
-                     CHECK (status IN ('pending', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
+                     CHECK (status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running', 'waiting', 'completed', 'failed', 'cancelled']::pg_catalog.text[])),
     -- index into the definition's steps of the step the run is at
     step_index       integer     NOT NULL DEFAULT 0,
     -- true while failed-run compensation walks back through the succeeded steps
@@ -52,8 +52,8 @@ CREATE TABLE dispatched.runs (
     error            jsonb,
     parent           text,
     idempotency_key  text,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
+    created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     finished_at      timestamptz,
     FOREIGN KEY (workflow, version) REFERENCES dispatched.workflows (name, version)
 ) WITH (fillfactor = 80);
@@ -70,11 +70,11 @@ CREATE TABLE dispatched.steps (
     idx          integer     NOT NULL,
     step_id      text        NOT NULL,
     status       text        NOT NULL
-                 CHECK (status IN ('pending', 'running', 'waiting', 'succeeded', 'failed', 'compensated')),
+                 CHECK (status OPERATOR(pg_catalog.=) ANY (ARRAY['pending', 'running', 'waiting', 'succeeded', 'failed', 'compensated']::pg_catalog.text[])),
     -- where the step is within its status: request (an attempt on the wire), backoff,
     -- wait (for a signal), child (for an attached child run), done
     phase        text        NOT NULL DEFAULT 'request'
-                 CHECK (phase IN ('request', 'backoff', 'wait', 'child', 'done')),
+                 CHECK (phase OPERATOR(pg_catalog.=) ANY (ARRAY['request', 'backoff', 'wait', 'child', 'done']::pg_catalog.text[])),
     attempt      integer     NOT NULL DEFAULT 0,
     response     jsonb,
     signal       jsonb,
@@ -89,7 +89,7 @@ CREATE TABLE dispatched.steps (
     child        text,
     started_at   timestamptz,
     finished_at  timestamptz,
-    updated_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (run_id, idx)
 ) WITH (fillfactor = 80);
 
@@ -117,7 +117,7 @@ CREATE TABLE dispatched.signals (
     idempotency_key  text,
     -- index of the step that took the signal; NULL while buffered
     taken_by_step    integer,
-    created_at       timestamptz NOT NULL DEFAULT now()
+    created_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 CREATE INDEX signals_buffered ON dispatched.signals (run_id, name, id) WHERE taken_by_step IS NULL;
@@ -128,7 +128,7 @@ CREATE UNIQUE INDEX signals_idempotency_key ON dispatched.signals (run_id, idemp
 CREATE TABLE dispatched.events (
     run_id  text        NOT NULL,
     seq     bigint      GENERATED ALWAYS AS IDENTITY,
-    at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     type    text        NOT NULL,
     step    text,
     data    jsonb,
@@ -139,7 +139,7 @@ CREATE TABLE dispatched.events (
 CREATE TABLE dispatched.secrets (
     name        text        PRIMARY KEY,
     value       text        NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_by  text        NOT NULL
 );
 
@@ -152,11 +152,11 @@ CREATE TABLE dispatched.idempotency_cache (
     tenant      text        NOT NULL,
     endpoint    text        NOT NULL,
     key         text        NOT NULL,
-    state       text        NOT NULL CHECK (state IN ('in_flight', 'final')),
+    state       text        NOT NULL CHECK (state OPERATOR(pg_catalog.=) ANY (ARRAY['in_flight', 'final']::pg_catalog.text[])),
     status      integer,
     headers     jsonb,
     body        jsonb,
-    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- in_flight: when the claim lapses; final: when the cached answer expires
     expires_at  timestamptz NOT NULL,
     PRIMARY KEY (role, cache_key)
@@ -175,7 +175,7 @@ CREATE TABLE dispatched.invocations (
     attempt        integer     NOT NULL,
     provider_key   text        NOT NULL,
     outcome        jsonb       NOT NULL,
-    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    recorded_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     expires_at     timestamptz NOT NULL,
     PRIMARY KEY (tenant, invocation_id)
 );

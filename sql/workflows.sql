@@ -20,7 +20,7 @@ BEGIN
         RAISE EXCEPTION 'definition: required' USING ERRCODE = '22023';
     END IF;
     PERFORM dispatched._check_name('workflow name', $1, true);
-    PERFORM dispatched._validate_definition($2);
+    PERFORM dispatched._validate_definition($2::text);
 
     -- One definer of a name at a time, so versions are gapless and never collide.
     PERFORM pg_advisory_xact_lock(hashtextextended('dispatched.workflow:' || $1, 0));

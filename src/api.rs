@@ -2,9 +2,9 @@
 //! The contract's functions themselves are in `sql/`; they call these.
 
 use crate::{settings, shmem};
-use dispatched_core::{definition, hash, keys, rules};
+use dispatched_core::{definition, depth, hash, keys, rules};
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB};
 use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
@@ -17,12 +17,32 @@ fn invalid(message: String) -> ! {
     unreachable!()
 }
 
-/// Validates a workflow definition; raises 22023 naming every problem with its JSON path.
+/// Validates a workflow definition (its jsonb as text); raises 22023 naming every problem
+/// with its JSON path. A definition nested deeper than `MAX_JSON_DEPTH` is refused before it
+/// is parsed (the text is counted, not recursed into), so no depth gives anything but 22023.
 #[pg_extern(schema = "dispatched", immutable, parallel_safe)]
-fn _validate_definition(definition: JsonB) -> bool {
-    match definition::parse(&definition.0) {
+fn _validate_definition(definition: &str) -> bool {
+    if let Err(e) = depth::check_json_depth("definition", definition) {
+        invalid(e);
+    }
+    let doc: serde_json::Value = match serde_json::from_str(definition) {
+        Ok(v) => v,
+        Err(e) => invalid(format!("definition: not valid JSON: {e}")),
+    };
+    match definition::parse(&doc) {
         Ok(_) => true,
         Err(e) => invalid(e.to_string()),
+    }
+}
+
+/// Raises 22023 naming `what` when the JSON text nests deeper than `MAX_JSON_DEPTH` (a run's
+/// input, signal data, an activity-log outcome): the worker reads them back, and a document
+/// it cannot parse must not get in.
+#[pg_extern(schema = "dispatched", immutable, parallel_safe)]
+fn _check_json_depth(what: &str, doc: &str) -> bool {
+    match depth::check_json_depth(what, doc) {
+        Ok(()) => true,
+        Err(e) => invalid(e),
     }
 }
 

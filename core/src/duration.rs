@@ -59,6 +59,9 @@ pub fn parse_ms(text: &str) -> Result<u64, DurationError> {
             return Err(bad("a number must come before each unit"));
         }
         let number: u64 = s[start..i].parse().map_err(|_| bad("number too large"))?;
+        if bytes.get(i) == Some(&b'.') {
+            return Err(bad("no fractions; use a smaller unit (1500ms, not 1.5s)"));
+        }
         while i < bytes.len() && bytes[i] == b' ' {
             i += 1;
         }
@@ -135,6 +138,10 @@ mod tests {
             assert!(err.0.contains("invalid duration"), "{bad}: {err}");
         }
         assert!(parse_ms("367d").unwrap_err().0.contains("366 days"));
+        assert_eq!(
+            parse_ms("1.5s").unwrap_err().0,
+            "invalid duration \"1.5s\": no fractions; use a smaller unit (1500ms, not 1.5s) (expected e.g. 500ms, 30s, 10m, 2h, 1d)"
+        );
         assert!(parse_ms("99999999999999999999999s")
             .unwrap_err()
             .0

@@ -29,20 +29,20 @@ fn prefix_len(ip: &IpAddr) -> u8 {
 }
 
 fn in_net(ip: &IpAddr, net: &IpAddr, bits: u8) -> bool {
-    let (ip, net) = match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(*a) as u128, u32::from(*b) as u128),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(*a), u128::from(*b)),
+    // the width is the address family's, never guessed from the values: an IPv6 range whose
+    // address happens to fit in 32 bits (::ffff:ffff/16) is still 128 bits wide
+    let (ip, net, width) = match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(*a) as u128, u32::from(*b) as u128, 32u32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(*a), u128::from(*b), 128u32),
         (IpAddr::V6(a), IpAddr::V4(_)) => match a.to_ipv4_mapped() {
             Some(v4) => return in_net(&IpAddr::V4(v4), net, bits),
             None => return false,
         },
         _ => return false,
     };
-    let width = if ip <= u32::MAX as u128 && net <= u32::MAX as u128 && bits <= 32 {
-        32
-    } else {
-        128
-    };
+    if bits as u32 > width {
+        return false;
+    }
     if bits == 0 {
         return true;
     }
@@ -236,6 +236,22 @@ mod tests {
         assert!(r.check_host("169.254.0.1").is_err());
         let r = HostRules::parse("169.254.0.0/16").unwrap();
         assert!(r.check_host("169.254.0.1").is_ok());
+    }
+
+    #[test]
+    fn ipv6_ranges_are_128_bits_wide_whatever_their_value() {
+        // found by reading in_net while writing the hosts fuzz target: the width used to be
+        // guessed from the values, so ::1 was outside ::ffff:ffff/16 (it is inside)
+        let r = HostRules::parse("::ffff:ffff/16").unwrap();
+        assert!(r.check_addr("x", &ip("::1")).is_ok());
+        assert!(r.check_addr("x", &ip("1::1")).is_err());
+        let r = HostRules::parse("::a00:0/120").unwrap();
+        assert!(r.check_addr("x", &ip("::a00:5")).is_ok());
+        assert!(r.check_addr("x", &ip("::b00:5")).is_err());
+        // and an IPv4 range never matches an IPv6 address that is not IPv4-mapped
+        let r = HostRules::parse("0.0.0.0/8").unwrap();
+        assert!(r.check_addr("x", &ip("::1")).is_err());
+        assert!(r.check_addr("x", &ip("::ffff:0.0.0.1")).is_ok());
     }
 
     #[test]

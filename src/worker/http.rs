@@ -182,6 +182,15 @@ fn describe(e: &ureq::Error, timeout: Duration, url: &str, max: u64) -> Outcome 
             Failure::Permanent,
             format!("response body is larger than dispatched.max_response_bytes ({max} bytes)"),
         ),
+        // a certificate that is not trusted (or any other TLS failure) will not get better by
+        // retrying: permanent, and said to be TLS (ureq reports it as an I/O error)
+        E::Io(io)
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) =>
+        {
+            failed(Failure::Permanent, format!("TLS error: {io} ({url})"))
+        }
         E::HostNotFound => failed(Failure::Network, format!("host not found ({url})")),
         E::ConnectionFailed => failed(Failure::Network, format!("connection failed ({url})")),
         E::Io(io) => failed(Failure::Network, format!("network error: {io} ({url})")),

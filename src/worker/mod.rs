@@ -7,7 +7,9 @@
 //! answer arrives (a byte on a pipe), or the next task is due. No transaction or row lock
 //! is held while a request is on the wire.
 
+mod deepjson;
 mod http;
+mod purge;
 pub mod store;
 
 use crate::{api, crypto, settings, shmem};
@@ -376,6 +378,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     // the extension exists in the database (checked again after any error)
     let mut ready = false;
     let mut failures: u32 = 0;
+    let mut purger = purge::Purger::default();
 
     while !BackgroundWorker::sigterm_received() {
         if BackgroundWorker::sighup_received() {
@@ -474,9 +477,11 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::pgstat_report_stat(true) };
         }
 
+        let purge_in_ms = purger.tick(me);
         if busy {
             continue;
         }
+        sleep_ms = sleep_ms.min(purge_in_ms);
         if sleep_ms > 0 {
             wait(pipe_r, sleep_ms);
         }

@@ -2,6 +2,7 @@
 //! decided, in a few set-based statements per batch (one statement per table, whatever the
 //! number of runs).
 
+use super::deepjson::DeepJsonB;
 use dispatched_core::definition::{self, Definition};
 use dispatched_core::engine::{
     BufferedSignal, ChildState, Effects, Phase, Run, RunStatus, StepRec, StepStatus, TaskChange,
@@ -25,7 +26,7 @@ pub fn rows_json(sql: &str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
         let t = c.update(sql, None, args).map_err(e)?;
         let mut out = Vec::new();
         for row in t {
-            if let Some(JsonB(v)) = row.get::<JsonB>(1).map_err(e)? {
+            if let Some(DeepJsonB(v)) = row.get::<DeepJsonB>(1).map_err(e)? {
                 out.push(v);
             }
         }

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import struct
 import threading
 import time
 import traceback
@@ -50,6 +52,8 @@ class Reply:
     chunk_size:     send the body slowly: this many bytes at a time ...
     chunk_interval: ... with this many seconds between chunks (headers go out at once).
     drop:           close the connection without answering (after `delay`).
+    cut_after:      send the headers (with the full Content-Length) and only this many bytes
+                    of the body, then reset the connection: an answer cut off mid-body.
     """
 
     status: int = 200
@@ -60,6 +64,7 @@ class Reply:
     chunk_size: int | None = None
     chunk_interval: float = 0.0
     drop: bool = False
+    cut_after: int | None = None
 
     def header_pairs(self) -> list[tuple[str, str]]:
         return _pairs(self.headers)
@@ -174,9 +179,10 @@ class WaitTimeout(AssertionError):
 class HttpService:
     """The programmable service. start() it, script() paths, stop() it."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
         self.host = host
         self._want_port = port
+        self._tls = tls  # a server-side context: the service speaks HTTPS
         self._cond = threading.Condition()
         self._scripts: dict[str, list[Script]] = {}
         self._served: dict[str, int] = {}
@@ -184,6 +190,7 @@ class HttpService:
         self._conns: set[socket.socket] = set()
         self._stopping = threading.Event()
         self.errors: list[str] = []  # exceptions raised while answering (tracebacks)
+        self.tls_failures: list[str] = []  # TLS handshakes that failed (HTTPS services)
         self.default: Script = lambda req: Reply(404, {"error": "not scripted", "path": req.path})
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -197,6 +204,11 @@ class HttpService:
             svc = service
 
         self._server = ThreadingHTTPServer((self.host, self._want_port), Handler)
+        if self._tls is not None:
+            # the handshake happens per connection, in the handler's thread (setup)
+            self._server.socket = self._tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True, name="http-service"
@@ -235,7 +247,8 @@ class HttpService:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def url(self, path: str) -> str:
         if not path.startswith("/"):
@@ -324,6 +337,13 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                self.svc.tls_failures.append(repr(e))
+                raise
         super().setup()
         self.svc._track(self.connection, True)
 
@@ -411,6 +431,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if self.command != "HEAD" and payload:
+                if reply.cut_after is not None:
+                    self.wfile.write(payload[: reply.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    # SO_LINGER 0: close() sends a reset, not an orderly end of stream
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    return
                 if reply.chunk_size:
                     self.wfile.flush()
                     for i in range(0, len(payload), reply.chunk_size):
