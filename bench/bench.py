@@ -3,7 +3,7 @@
 worker preloaded, nginx on 127.0.0.1 as the fast target, and the scenarios of issue 4. Prints a
 table and one JSON line per scenario (also appended to bench/results/<file>.jsonl).
 
-    python3 bench/bench.py [--scenarios throughput,latency,scale,slow] [--n 500,20000]
+    python3 bench/bench.py [--scenarios throughput,latency,slow,load,scale] [--n 500,20000]
                            [--scale-runs 100000] [--latency-runs 200] [--out FILE]
 
 Run it through bench/run.sh, which installs nginx and the release build first.
@@ -332,13 +332,48 @@ def slow_services(conn, cluster, nginx, slow: SlowTarget, n: int) -> dict:
             "all_drained_s": round(end - a["t"], 2), "slow_requests": slow.count}
 
 
+def load(conn, cluster, nginx, clients: int, seconds: int, keys: int) -> dict:
+    """pgbench: `clients` connections call start_run for `seconds` with keys drawn from
+    1..`keys` (so many keys repeat); then every run must complete with each step sent once."""
+    reset(conn)
+    nginx.clear_log()
+    script = Path(tempfile.mkdtemp(prefix="dispatched-bench-")) / "start.sql"
+    script.write_text("\\set k random(1, %d)\nSELECT dispatched.start_run('three', '{}', 'key-' || :k);\n" % keys)
+    os.chmod(script.parent, 0o755)
+    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [f"{bindir}/pgbench", "-n", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres",
+         "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", str(script), DB],
+        capture_output=True, text=True)
+    calls = failed = 0
+    for line in proc.stdout.splitlines():
+        if line.startswith("number of transactions actually processed"):
+            calls = int(line.split(":")[1].split("/")[0])
+        if line.startswith("number of failed transactions"):
+            failed = int(line.split(":")[1].split()[0])
+    counters = Counters(conn, cluster)
+    wait_drained(conn, counters, 0)
+    runs, distinct, done = conn.execute(
+        "SELECT count(*), count(DISTINCT idempotency_key), count(*) FILTER (WHERE status = 'completed') "
+        "FROM dispatched.runs").fetchone()
+    once = check_exactly_once(nginx, runs, 3)
+    return {"scenario": f"load_{clients}_clients_{seconds}s", "start_run_calls": calls,
+            "calls_per_s": round(calls / seconds), "failed_calls": failed, "pgbench_exit": proc.returncode,
+            "runs": runs, "distinct_keys": distinct, "completed": done,
+            "drained_s": round(time.perf_counter() - t0 - seconds, 1), **once}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", default="throughput,latency,scale,slow")
+    ap.add_argument("--scenarios", default="throughput,latency,slow,load,scale")
     ap.add_argument("--n", default="500,20000")
     ap.add_argument("--scale-runs", type=int, default=100_000)
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--slow-runs", type=int, default=5000)
+    ap.add_argument("--load-clients", type=int, default=64)
+    ap.add_argument("--load-seconds", type=int, default=60)
+    ap.add_argument("--load-keys", type=int, default=20000)
     ap.add_argument("--conf", action="append", default=[], help="extra postgresql.conf line")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S.jsonl")))
     args = ap.parse_args()
@@ -371,6 +406,9 @@ def main() -> int:
                 print(json.dumps(results[-1]), flush=True)
             if "slow" in wanted:
                 results.append(slow_services(conn, cluster, nginx, slow, args.slow_runs))
+                print(json.dumps(results[-1]), flush=True)
+            if "load" in wanted:
+                results.append(load(conn, cluster, nginx, args.load_clients, args.load_seconds, args.load_keys))
                 print(json.dumps(results[-1]), flush=True)
             if "scale" in wanted:
                 results.append(scale(conn, cluster, nginx, args.scale_runs))
