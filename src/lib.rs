@@ -10,6 +10,7 @@ pgrx::pg_module_magic!();
 
 mod api;
 mod crypto;
+mod ingress;
 mod settings;
 mod shmem;
 mod worker;
@@ -28,6 +29,7 @@ extension_sql_file!("../sql/workflows.sql", name = "workflows");
 extension_sql_file!("../sql/runs.sql", name = "runs");
 extension_sql_file!("../sql/idempotency.sql", name = "idempotency");
 extension_sql_file!("../sql/internal.sql", name = "internal");
+extension_sql_file!("../sql/sessions.sql", name = "sessions");
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
@@ -36,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::install();
         worker::register();
+        ingress::register();
     }
 }
 
