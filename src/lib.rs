@@ -30,6 +30,35 @@ extension_sql_file!("../sql/runs.sql", name = "runs");
 extension_sql_file!("../sql/idempotency.sql", name = "idempotency");
 extension_sql_file!("../sql/internal.sql", name = "internal");
 extension_sql_file!("../sql/sessions.sql", name = "sessions");
+extension_sql_file!(
+    "../sql/admin.sql",
+    name = "admin",
+    requires = [
+        "tables",
+        "workflows",
+        "runs",
+        "idempotency",
+        "internal",
+        "sessions",
+        api::_validate_definition,
+        api::_check_key,
+        api::_check_name,
+        api::_new_run_id,
+        api::_caller,
+        api::_caller_is_superuser,
+        api::invocation_id,
+        api::idempotency_cache_key,
+        api::_cache_decision,
+        api::_setting_ms,
+        api::_preloaded,
+        api::_wake_workers_at_commit,
+        api::_run_finished_at_commit,
+        api::_wait_finished,
+        crypto::decrypt,
+        ingress::_new_session_token,
+        ingress::_session_token_hash,
+    ]
+);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
