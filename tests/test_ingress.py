@@ -501,3 +501,49 @@ def test_connections_over_the_cap_get_503_and_the_ingress_recovers(ingress, tok)
             break
         assert status == 503 and time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_expect_100_continue_gets_an_interim_answer(ingress, tok):
+    """curl sends `Expect: 100-continue` with larger bodies and waits for it before sending."""
+    wf = define(ingress, WAIT_GO)
+    body = json.dumps({"workflow": wf, "input": {"pad": "x" * 2000}}).encode()
+    with socket.create_connection((ingress.host, ingress.port), timeout=10) as s:
+        s.sendall(b"POST /api/runs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+                  b"Dispatched-Session: " + tok.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        interim = s.recv(100)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 201 ")
+
+
+def test_the_dashboard_page_needs_no_token(ingress):
+    status, headers, body = ingress.request("GET", "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert "<title>dispatched</title>" in body and "frame-ancestors 'none'" in headers["content-security-policy"]
+
+
+# -- last: this one crashes the module's cluster on purpose ------------------------------------
+
+
+def test_the_ingress_comes_back_after_a_crash(ingress, tok):
+    import os
+    import signal
+
+    (pid,) = ingress.cluster.worker_pids("dispatched ingress")
+    os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend, then restarts the workers
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            pids = ingress.cluster.worker_pids("dispatched ingress")
+            if pids and pids[0] != pid:
+                break
+        except Exception:  # the server is still recovering
+            pass
+        assert time.monotonic() < deadline, "the ingress did not come back"
+        time.sleep(0.2)
+    ingress.wait_listening()
+    status, _, body = ingress.request("GET", "/api/capabilities", token=tok)
+    assert status == 200 and body["capabilities"]["idempotency"]["supported"] is True

@@ -119,7 +119,7 @@ fn write_response(s: &mut TcpStream, r: &Response) {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
+        "Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n",
         r.body.len()
     ));
     let _ = s.write_all(head.as_bytes());
@@ -373,6 +373,15 @@ fn serve(mut s: TcpStream, sh: &Shared) {
             ),
         );
     }
+    if length > body.len()
+        && req
+            .header("expect")
+            .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+    {
+        // curl and others wait for this before sending a larger body
+        let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+        let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
     let deadline = Instant::now() + sh.limits.read_timeout;
     let mut chunk = [0u8; 8192];
     while body.len() < length {
@@ -397,7 +406,13 @@ fn serve(mut s: TcpStream, sh: &Shared) {
     if req.method == "GET" && (req.path == "/" || req.path == "/index.html") {
         let r = Response {
             status: 200,
-            headers: vec![("Content-Type".into(), "text/html; charset=utf-8".into())],
+            headers: vec![
+                ("Content-Type".into(), "text/html; charset=utf-8".into()),
+                (
+                    "Content-Security-Policy".into(),
+                    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'".into(),
+                ),
+            ],
             body: sh.page.as_bytes().to_vec(),
         };
         return write_response(&mut s, &r);
