@@ -1867,6 +1867,9 @@ mod tests {
             ("dispatched.encryption_key", ""),
             ("dispatched.http_port", "0"),
             ("dispatched.http_listen", "127.0.0.1"),
+            ("dispatched.http_max_connections", "64"),
+            ("dispatched.http_max_body_bytes", "1MB"),
+            ("dispatched.http_read_timeout", "10s"),
         ];
         for (name, want) in cases {
             assert_eq!(
@@ -1902,7 +1905,10 @@ mod tests {
                 "dispatched.max_response_bytes": "sighup",
                 "dispatched.allowed_hosts": "sighup",
                 "dispatched.http_port": "postmaster",
-                "dispatched.http_listen": "postmaster"
+                "dispatched.http_listen": "postmaster",
+                "dispatched.http_max_connections": "postmaster",
+                "dispatched.http_max_body_bytes": "postmaster",
+                "dispatched.http_read_timeout": "postmaster"
             })
         );
     }

@@ -94,15 +94,15 @@ BEGIN
       FROM (SELECT * FROM dispatched.runs r
              WHERE (v_all OR r.tenant = v_tenant)
                AND ($1 IS NULL OR r.status = $1)
-               AND ($2 IS NULL OR r.id = $2 OR r.id LIKE replace(replace($2, '\', '\\'), '%', '\%') || '%'
-                    OR r.workflow ILIKE '%' || replace(replace($2, '\', '\\'), '%', '\%') || '%')
+               AND ($2 IS NULL OR r.id = $2 OR r.id LIKE replace(replace(replace($2, '\', '\\'), '%', '\%'), '_', '\_') || '%'
+                    OR r.workflow ILIKE '%' || replace(replace(replace($2, '\', '\\'), '%', '\%'), '_', '\_') || '%')
              ORDER BY r.created_at DESC, r.id
              LIMIT $3) r;
     SELECT coalesce(jsonb_object_agg(c.status, c.n), '{}'::jsonb) INTO v_counts
       FROM (SELECT r.status, count(*) AS n FROM dispatched.runs r
              WHERE (v_all OR r.tenant = v_tenant)
-               AND ($2 IS NULL OR r.id = $2 OR r.id LIKE replace(replace($2, '\', '\\'), '%', '\%') || '%'
-                    OR r.workflow ILIKE '%' || replace(replace($2, '\', '\\'), '%', '\%') || '%')
+               AND ($2 IS NULL OR r.id = $2 OR r.id LIKE replace(replace(replace($2, '\', '\\'), '%', '\%'), '_', '\_') || '%'
+                    OR r.workflow ILIKE '%' || replace(replace(replace($2, '\', '\\'), '%', '\%'), '_', '\_') || '%')
              GROUP BY r.status) c;
     RETURN jsonb_build_object('runs', v_runs, 'counts', v_counts);
 END;

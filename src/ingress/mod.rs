@@ -688,7 +688,9 @@ fn handle_batch(jobs: Vec<Job>, parked: &mut Vec<Parked>) {
         let answer = match tx(|| begin(&token, &route, &layer1)) {
             Ok(Begun::Go(tenant)) => {
                 let (Ok(route), Ok(layer1)) = (route, layer1) else {
-                    continue; // begin answers Go only when both are Ok
+                    // begin answers Go only when both are Ok
+                    let _ = job.reply.send(Response::error(500, "internal", "request lost its route"));
+                    continue;
                 };
                 ready.push(Ready {
                     reply: job.reply,
