@@ -151,6 +151,13 @@ def test_the_dashboard_shows_runs_steps_and_a_live_run(ingress, http_service, br
     for want in ("live", 'waits for signal "approved"', f"child run {child}", "HTTP 202"):
         assert want in text, want
     assert browser.js("document.getElementById('signame').value") == "approved"
+    # it refreshes by itself; an open event and what is typed survive a refresh
+    browser.js("document.querySelector('details[data-seq=\"2\"]').open = true;"
+               "document.getElementById('sigdata').value = '{\"typed\": 1}';"
+               "document.getElementById('runid').dataset.mark = 'before'")
+    browser.wait_for("document.getElementById('runid') && !document.getElementById('runid').dataset.mark")
+    assert browser.js("document.querySelector('details[data-seq=\"2\"]').open") is True
+    assert browser.js("document.getElementById('sigdata').value") == '{"typed": 1}'
     browser.screenshot(ARTIFACTS / "dashboard-run-live.png")
     assert ingress.request("POST", f"/api/runs/{waiting}/signal/approved", {"by": "ann"}, token=tok)[2] == {"delivered": True}
     browser.wait_for("document.querySelector('#run h2 .badge').textContent === 'completed'", timeout=15)
