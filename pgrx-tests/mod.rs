@@ -1867,6 +1867,9 @@ mod tests {
             ("dispatched.encryption_key", ""),
             ("dispatched.http_port", "0"),
             ("dispatched.http_listen", "127.0.0.1"),
+            ("dispatched.http_max_connections", "64"),
+            ("dispatched.http_max_body_bytes", "1MB"),
+            ("dispatched.http_read_timeout", "10s"),
         ];
         for (name, want) in cases {
             assert_eq!(
@@ -1902,7 +1905,10 @@ mod tests {
                 "dispatched.max_response_bytes": "sighup",
                 "dispatched.allowed_hosts": "sighup",
                 "dispatched.http_port": "postmaster",
-                "dispatched.http_listen": "postmaster"
+                "dispatched.http_listen": "postmaster",
+                "dispatched.http_max_connections": "postmaster",
+                "dispatched.http_max_body_bytes": "postmaster",
+                "dispatched.http_read_timeout": "postmaster"
             })
         );
     }
@@ -2206,6 +2212,285 @@ mod tests {
                 ["t_layers_bob", "t_layers_alice", "in_flight", null, null],
                 ["t_layers_bob", "t_layers_bob", "final", 200, {"by": "bob"}]
             ])
+        );
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // psql administration: views, retry_run, purge, comments (NOTIFY is tested black-box:
+    // notifications are sent at commit, and these tests roll back)
+    // ---------------------------------------------------------------------------------------
+
+    /// A run row written directly, for the views.
+    fn insert_run(id: &str, workflow: &str, status: &str) {
+        exec_a(
+            "INSERT INTO dispatched.runs (id, tenant, workflow, version, input, status)
+             VALUES ($1, 'postgres', $2, 1, '{}', $3)",
+            &[id.into(), workflow.into(), status.into()],
+        );
+    }
+
+    fn insert_event(run: &str, step: &str, kind: &str, at_ms: i64, data: &str) {
+        exec_a(
+            "INSERT INTO dispatched.events (run_id, type, step, data, at)
+             VALUES ($1, $3, $2, $5::jsonb, timestamptz '2026-01-01 00:00:00+00' + $4 * interval '1 millisecond')",
+            &[
+                run.into(),
+                step.into(),
+                kind.into(),
+                at_ms.into(),
+                data.into(),
+            ],
+        );
+    }
+
+    #[pg_test]
+    fn admin_step_stats_derive_durations_from_events() {
+        define("t_stats", TWO_STEPS);
+        insert_run("t_run_stats", "t_stats", "failed");
+        let a = r#"{"attempt": 1, "url": "http://h.example:8080/a?x=1"}"#;
+        let a2 = r#"{"attempt": 2, "url": "http://user@h.example:8080/a"}"#;
+        insert_event("t_run_stats", "a", "step.started", 0, a);
+        insert_event(
+            "t_run_stats",
+            "a",
+            "step.retry_scheduled",
+            100,
+            r#"{"attempt": 1, "status": 503}"#,
+        );
+        insert_event("t_run_stats", "a", "step.started", 1000, a2);
+        insert_event(
+            "t_run_stats",
+            "a",
+            "step.response",
+            1300,
+            r#"{"attempt": 2, "status": 200}"#,
+        );
+        insert_event("t_run_stats", "a", "step.succeeded", 1301, "{}");
+        insert_event(
+            "t_run_stats",
+            "b",
+            "step.started",
+            2000,
+            r#"{"attempt": 1, "url": "https://other.example/b"}"#,
+        );
+        // a compensation's retry is not the end of the step's attempt
+        insert_event(
+            "t_run_stats",
+            "b",
+            "step.retry_scheduled",
+            2010,
+            r#"{"attempt": 1, "compensation": true}"#,
+        );
+        insert_event(
+            "t_run_stats",
+            "b",
+            "step.failed",
+            2050,
+            r#"{"attempt": 1, "status": 422}"#,
+        );
+        insert_event(
+            "t_run_stats",
+            "b",
+            "step.started",
+            3000,
+            r#"{"attempt": 2, "url": "https://other.example/b"}"#,
+        );
+        assert_eq!(
+            js(
+                "SELECT jsonb_agg(jsonb_build_array(host, attempts, succeeded, retried, failed, in_flight,
+                                                    retry_rate, failure_rate, p50_ms, p99_ms) ORDER BY host)
+                   FROM dispatched.step_stats WHERE workflow = 't_stats'",
+                &[]
+            ),
+            json!([
+                ["h.example:8080", 2, 1, 1, 0, 0, 0.5, 0.0, 200.0, 298.0],
+                ["other.example", 2, 0, 0, 1, 1, 0.0, 0.5, 50.0, 50.0]
+            ])
+        );
+        assert_eq!(
+            js(
+                "SELECT jsonb_agg(jsonb_build_array(step, attempt, outcome, http_status, duration_ms::int) ORDER BY started_at)
+                   FROM dispatched.step_attempts WHERE run_id = 't_run_stats'",
+                &[]
+            ),
+            json!([
+                ["a", 1, "step.retry_scheduled", 503, 100],
+                ["a", 2, "step.response", 200, 300],
+                ["b", 1, "step.failed", 422, 50],
+                ["b", 2, null, null, null]
+            ])
+        );
+    }
+
+    #[pg_test]
+    fn admin_runs_by_status_steps_due_and_oldest_waiting_run() {
+        define("t_views", TWO_STEPS);
+        for (id, st) in [
+            ("t_run_v1", "waiting"),
+            ("t_run_v2", "waiting"),
+            ("t_run_v3", "running"),
+            ("t_run_v4", "pending"),
+            ("t_run_v5", "completed"),
+        ] {
+            insert_run(id, "t_views", st);
+        }
+        exec(
+            "UPDATE dispatched.runs SET step_index = 1, waiting_for = 'go', updated_at = '2001-01-01'
+              WHERE id = 't_run_v2';
+             UPDATE dispatched.runs SET step_index = 1, waiting_for = 'go', updated_at = '2002-01-01'
+              WHERE id = 't_run_v1';
+             INSERT INTO dispatched.steps (run_id, idx, step_id, status, phase, attempt)
+             VALUES ('t_run_v2', 1, 'b', 'waiting', 'wait', 0), ('t_run_v3', 0, 'a', 'running', 'request', 2);
+             INSERT INTO dispatched.tasks (run_id, due_at, lease_owner, lease_until, claims) VALUES
+                 ('t_run_v3', now() - interval '1 second', 0, now() + interval '30 seconds', 2),
+                 ('t_run_v4', now() - interval '1 second', NULL, NULL, 0),
+                 ('t_run_v1', now() + interval '1 hour', NULL, NULL, 0);",
+        );
+        assert_eq!(
+            js(
+                "SELECT jsonb_object_agg(status, runs) FROM dispatched.runs_by_status WHERE workflow = 't_views'",
+                &[]
+            ),
+            json!({"waiting": 2, "running": 1, "pending": 1, "completed": 1})
+        );
+        assert_eq!(
+            js(
+                "SELECT jsonb_agg(jsonb_build_array(run_id, step, step_status, attempt, state, worker, claims) ORDER BY run_id)
+                   FROM dispatched.steps_due WHERE workflow = 't_views'",
+                &[]
+            ),
+            json!([
+                ["t_run_v1", "b", "pending", 0, "scheduled", null, 0],
+                ["t_run_v3", "a", "running", 2, "in_flight", 0, 2],
+                ["t_run_v4", "a", "pending", 0, "due", null, 0]
+            ])
+        );
+        assert_eq!(
+            js(
+                "SELECT jsonb_build_array(run_id, step, waiting_for, waiting_since = '2001-01-01', waited > interval '20 years')
+                   FROM dispatched.oldest_waiting_run",
+                &[]
+            ),
+            json!(["t_run_v2", "b", "go", true, true])
+        );
+    }
+
+    #[pg_test]
+    fn admin_retry_run_rules() {
+        define("t_retry", TWO_STEPS);
+        let id = start("t_retry", "{}");
+        // not failed: nothing to do
+        assert!(!one::<bool>(
+            "SELECT dispatched.retry_run($1)",
+            &[id.as_str().into()]
+        ));
+        assert_eq!(
+            err("SELECT dispatched.retry_run('t_no_such_run')"),
+            "P0002: run \"t_no_such_run\" does not exist"
+        );
+        // failed at step a, attempt 3
+        exec_a(
+            "UPDATE dispatched.runs SET status = 'failed', finished_at = now(),
+                    error = '{\"message\": \"HTTP 500\", \"step\": \"a\", \"status\": 500}' WHERE id = $1;
+             DELETE FROM dispatched.tasks WHERE run_id = $1;",
+            &[id.as_str().into()],
+        );
+        assert_eq!(
+            err(&format!("SELECT dispatched.retry_run('{id}')")),
+            format!("55000: run \"{id}\" cannot be retried: no step failed (its output could not be rendered)")
+        );
+        exec_a(
+            "INSERT INTO dispatched.steps (run_id, idx, step_id, status, phase, attempt, error, finished_at)
+             VALUES ($1, 0, 'a', 'failed', 'done', 3, '{\"message\": \"HTTP 500\"}', now())",
+            &[id.as_str().into()],
+        );
+        assert!(one::<bool>(
+            "SELECT dispatched.retry_run($1)",
+            &[id.as_str().into()]
+        ));
+        assert_eq!(
+            js(
+                "SELECT jsonb_build_array(r.status, r.step_index, r.error, r.finished_at,
+                                          s.status, s.phase, s.attempt, s.error,
+                                          (SELECT t.due_at <= now() AND t.lease_owner IS NULL FROM dispatched.tasks t WHERE t.run_id = r.id))
+                   FROM dispatched.runs r JOIN dispatched.steps s ON s.run_id = r.id AND s.idx = 0 WHERE r.id = $1",
+                &[id.as_str().into()]
+            ),
+            json!(["running", 0, null, null, "running", "backoff", 3, null, true])
+        );
+        assert_eq!(
+            event_types(&id).last().map(String::as_str),
+            Some("run.retried")
+        );
+        // a compensated failure is refused
+        let id2 = start("t_retry", "{}");
+        exec_a(
+            "UPDATE dispatched.runs SET status = 'failed', step_index = 1 WHERE id = $1;
+             INSERT INTO dispatched.steps (run_id, idx, step_id, status, phase, attempt, comp_attempt)
+             VALUES ($1, 0, 'a', 'compensated', 'done', 1, 1), ($1, 1, 'b', 'failed', 'done', 1, 0);",
+            &[id2.as_str().into()],
+        );
+        assert!(
+            err(&format!("SELECT dispatched.retry_run('{id2}')")).starts_with(&format!(
+                "55000: run \"{id2}\" cannot be retried: its failure was compensated"
+            ))
+        );
+        // another tenant's run does not exist for a role
+        exec("CREATE ROLE t_retry_bob");
+        set_role("t_retry_bob");
+        assert!(err(&format!("SELECT dispatched.retry_run('{id}')")).starts_with("P0002"));
+        reset_role();
+    }
+
+    #[pg_test]
+    fn admin_purge_deletes_old_finished_runs() {
+        define("t_purge", TWO_STEPS);
+        let old = start("t_purge", "{}");
+        let recent = start("t_purge", "{}");
+        let live = start("t_purge", "{}");
+        assert!(one::<bool>(
+            "SELECT dispatched.cancel_run($1)",
+            &[old.as_str().into()]
+        ));
+        assert!(one::<bool>(
+            "SELECT dispatched.cancel_run($1)",
+            &[recent.as_str().into()]
+        ));
+        exec_a(
+            "UPDATE dispatched.runs SET finished_at = now() - interval '3 days' WHERE id = $1",
+            &[old.as_str().into()],
+        );
+        assert_eq!(one::<i64>("SELECT dispatched.purge('2 days')", &[]), 1);
+        assert!(run_doc(&old).is_none());
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM dispatched.events WHERE run_id = $1",
+                &[old.as_str().into()]
+            ),
+            0
+        );
+        assert!(run_doc(&recent).is_some() && run_doc(&live).is_some());
+        assert_eq!(
+            err("SELECT dispatched.purge('-1 day')"),
+            "22023: older_than: must be zero or more, got -1 days"
+        );
+    }
+
+    #[pg_test]
+    fn admin_every_table_view_and_function_has_a_comment() {
+        assert_eq!(
+            js(
+                "SELECT coalesce(jsonb_agg(x), '[]') FROM (
+                   SELECT c.relname::text AS x FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = 'dispatched' AND c.relkind IN ('r', 'v')
+                      AND obj_description(c.oid, 'pg_class') IS NULL
+                   UNION ALL
+                   SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                    WHERE n.nspname = 'dispatched' AND obj_description(p.oid, 'pg_proc') IS NULL
+                      AND p.proname NOT LIKE 'test%') y",
+                &[]
+            ),
+            json!([])
         );
     }
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The first command for a newcomer (as root on Debian 12): sets the machine up, starts a local
-# PostgreSQL 15 cluster with dispatched in /tmp/dispatched-demo (port 54329), and shows the
-# SQL API at work in psql. The cluster keeps running afterwards so that you can play with it.
+# PostgreSQL 15 cluster with dispatched in /tmp/dispatched-demo (port 54329, the HTTP ingress
+# and dashboard on 54331), shows the SQL API at work in psql, then the HTTP API with curl.
+# The cluster keeps running afterwards so that you can play with it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DIR=/tmp/dispatched-demo
 PORT=54329
 SVC_PORT=54330
+HTTP_PORT=54331
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres)
 
 say() { printf '\n==> %s\n' "$*"; }
@@ -21,7 +23,7 @@ if [ -e "$DIR" ]; then
   rm -rf "$DIR"
 fi
 say "starting a PostgreSQL 15 cluster in $DIR on port $PORT (dispatched preloaded)"
-bash scripts/cluster.sh start "$DIR" "$PORT" "dispatched.database = 'postgres'"
+bash scripts/cluster.sh start "$DIR" "$PORT" "dispatched.database = 'postgres'" "dispatched.http_port = $HTTP_PORT"
 
 say "CREATE EXTENSION dispatched"
 "${PSQL[@]}" -c "CREATE EXTENSION dispatched"
@@ -100,7 +102,29 @@ SELECT s->>'id' AS step, s->>'status' AS status, s->>'attempt' AS attempt
   FROM jsonb_array_elements(dispatched.run(:'bad_run')->'steps') AS s;
 SQL
 
+say "the HTTP ingress on 127.0.0.1:$HTTP_PORT: a run started and signalled with curl"
+TOKEN=$("${PSQL[@]}" -Atc "SELECT dispatched.create_session_token()")
+API="http://127.0.0.1:$HTTP_PORT/api"
+for _ in $(seq 100); do
+  curl -s -o /dev/null "$API/capabilities" && break
+  sleep 0.1
+done
+show() { printf '\n$'; printf ' %q' "$@"; printf '\n'; "$@"; echo; }
+echo "TOKEN=\$(psql -Atc \"SELECT dispatched.create_session_token()\")   # $TOKEN"
+show curl -sS -i -X POST "$API/runs" -H "Dispatched-Session: $TOKEN" -H 'Idempotency-Key: web-order-7' \
+  -d '{"workflow": "approval", "input": {"order": 7}}'
+RUN=$(curl -sS -X POST "$API/runs" -H "Dispatched-Session: $TOKEN" -H 'Idempotency-Key: web-order-7' \
+  -d '{"workflow": "approval", "input": {"order": 7}}' | python3 -c 'import json, sys; print(json.load(sys.stdin)["run_id"])')
+show curl -sS "$API/runs/$RUN/output" -H "Dispatched-Session: $TOKEN"
+show curl -sS -X POST "$API/runs/$RUN/signal/approved" -H "Dispatched-Session: $TOKEN" -d '{"by": "bob"}'
+show curl -sS "$API/runs/$RUN/attach?timeout=10s" -H "Dispatched-Session: $TOKEN"
+
 cat <<EOF
+
+The dashboard (runs, filters, each run's steps as a timeline and its events):
+    http://127.0.0.1:$HTTP_PORT/#token=$TOKEN
+(the page keeps the token in the browser; without it, paste the token when asked). From
+another machine, forward the port first: ssh -L $HTTP_PORT:127.0.0.1:$HTTP_PORT this-host
 
 The demo cluster is still running. Connect with:
     psql -h 127.0.0.1 -p $PORT -U postgres

@@ -3,6 +3,7 @@
 # every step is skipped when its result is already there, so a second run takes seconds.
 #
 #   1. Debian packages: postgresql-15 postgresql-server-dev-15 libclang-dev sudo python3-pip
+#      chromium (the dashboard's browser test)
 #   2. cargo-pgrx 0.18.1 (cargo install), unless `cargo pgrx --version` already says 0.18.1
 #   3. `cargo pgrx init --pg15 /usr/bin/pg_config`, unless ~/.pgrx/config.toml has pg15
 #   4. the Python test dependencies of tests/requirements.txt (pinned)
@@ -14,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PG_CONFIG=/usr/bin/pg_config
 PGRX_VERSION=0.18.1
-APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev sudo python3-pip)
+APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev sudo python3-pip chromium)
 export DEBIAN_FRONTEND=noninteractive
 
 step() { printf '[setup] %s\n' "$*"; }

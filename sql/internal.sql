@@ -92,6 +92,7 @@ BEGIN
         ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
             WHERE t.lease_until IS NULL;
     END IF;
+    PERFORM pg_notify('dispatched', jsonb_build_object('run_id', p_run, 'status', 'cancelled')::text);
     PERFORM dispatched._run_finished_at_commit();
     PERFORM dispatched._wake_workers_at_commit();
     RETURN true;

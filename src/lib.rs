@@ -10,6 +10,7 @@ pgrx::pg_module_magic!();
 
 mod api;
 mod crypto;
+mod ingress;
 mod settings;
 mod shmem;
 mod worker;
@@ -28,6 +29,37 @@ extension_sql_file!("../sql/workflows.sql", name = "workflows");
 extension_sql_file!("../sql/runs.sql", name = "runs");
 extension_sql_file!("../sql/idempotency.sql", name = "idempotency");
 extension_sql_file!("../sql/internal.sql", name = "internal");
+extension_sql_file!("../sql/sessions.sql", name = "sessions");
+extension_sql_file!(
+    "../sql/admin.sql",
+    name = "admin",
+    requires = [
+        "tables",
+        "workflows",
+        "runs",
+        "idempotency",
+        "internal",
+        "sessions",
+        api::_validate_definition,
+        api::_check_json_depth,
+        api::_check_key,
+        api::_check_name,
+        api::_new_run_id,
+        api::_caller,
+        api::_caller_is_superuser,
+        api::invocation_id,
+        api::idempotency_cache_key,
+        api::_cache_decision,
+        api::_setting_ms,
+        api::_preloaded,
+        api::_wake_workers_at_commit,
+        api::_run_finished_at_commit,
+        api::_wait_finished,
+        crypto::decrypt,
+        ingress::_new_session_token,
+        ingress::_session_token_hash,
+    ]
+);
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
@@ -36,6 +68,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::install();
         worker::register();
+        ingress::register();
     }
 }
 

@@ -26,6 +26,10 @@ pub static ENCRYPTION_KEY: GucSetting<Option<CString>> =
 pub static HTTP_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static HTTP_LISTEN: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"127.0.0.1"));
+pub static HTTP_MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static HTTP_MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static HTTP_READ_TIMEOUT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"10s"));
 
 /// Check hook of every duration setting: the value must parse as a duration.
 #[pgrx::pg_guard]
@@ -174,6 +178,33 @@ pub fn define() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"dispatched.http_max_connections",
+        c"How many client connections the HTTP ingress serves at once; more are answered 503.",
+        c"",
+        &HTTP_MAX_CONNECTIONS,
+        1,
+        10_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"dispatched.http_max_body_bytes",
+        c"The largest request body the HTTP ingress accepts; a larger one is answered 413.",
+        c"",
+        &HTTP_MAX_BODY_BYTES,
+        1024,
+        i32::MAX,
+        GucContext::Postmaster,
+        GucFlags::UNIT_BYTE,
+    );
+    duration_guc(
+        c"dispatched.http_read_timeout",
+        c"How long the HTTP ingress waits for a request's headers, and then for its body.",
+        c"A client slower than this is answered 408 and disconnected.",
+        &HTTP_READ_TIMEOUT,
+        GucContext::Postmaster,
+    );
 }
 
 pub fn text(setting: &GucSetting<Option<CString>>) -> String {
@@ -190,6 +221,7 @@ pub fn duration_ms(name: &str) -> Option<u64> {
         "idempotency_retention" => &IDEMPOTENCY_RETENTION,
         "idempotency_lock_timeout" => &IDEMPOTENCY_LOCK_TIMEOUT,
         "invocation_retention" => &INVOCATION_RETENTION,
+        "http_read_timeout" => &HTTP_READ_TIMEOUT,
         _ => return None,
     };
     duration::parse_ms(&text(setting)).ok()

@@ -5,6 +5,7 @@
 //! * `worker_procnos`: the `pgprocno` of each running worker; a transaction that made work due
 //!   (`start_run`, `signal`, `cancel_run`) sets their latches at commit, never before, and
 //!   never on abort.
+//! * `ingress_procno`: the HTTP ingress, woken (its latch set) when a run finishes.
 
 use pgrx::pg_sys;
 use std::cell::Cell;
@@ -18,6 +19,9 @@ pub const MAX_WORKERS: usize = 32;
 pub struct Shared {
     pub run_finished: pg_sys::ConditionVariable,
     pub worker_procnos: [AtomicI32; MAX_WORKERS],
+    /// The `pgprocno` of the HTTP ingress (-1: none); its latch is set when a run finishes,
+    /// so that its pending `attach` requests are answered at once.
+    pub ingress_procno: AtomicI32,
 }
 
 static mut SHARED: *mut Shared = null_mut();
@@ -66,6 +70,7 @@ unsafe extern "C-unwind" fn on_startup() {
             for slot in (*ptr).worker_procnos.iter() {
                 slot.store(-1, Ordering::SeqCst);
             }
+            (*ptr).ingress_procno.store(-1, Ordering::SeqCst);
         }
         SHARED = ptr;
         pg_sys::LWLockRelease(lock);
@@ -100,20 +105,24 @@ pub fn run_finished_at_commit() {
 pub fn wake_workers() {
     let Some(sh) = shared() else { return };
     for slot in sh.worker_procnos.iter() {
-        let procno = slot.load(Ordering::SeqCst);
-        if procno >= 0 {
-            unsafe {
-                let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
-                pg_sys::SetLatch(&raw mut (*proc_).procLatch);
-            }
+        set_latch_of(slot.load(Ordering::SeqCst));
+    }
+}
+
+fn set_latch_of(procno: i32) {
+    if procno >= 0 {
+        unsafe {
+            let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+            pg_sys::SetLatch(&raw mut (*proc_).procLatch);
         }
     }
 }
 
-/// Wakes every backend sleeping in `attach`.
+/// Wakes every backend sleeping in `attach`, and the HTTP ingress.
 pub fn broadcast_run_finished() {
     if let Some(sh) = shared() {
         unsafe { pg_sys::ConditionVariableBroadcast((&raw const sh.run_finished).cast_mut()) };
+        set_latch_of(sh.ingress_procno.load(Ordering::SeqCst));
     }
 }
 

@@ -11,6 +11,11 @@ Per test:
                 database (or `db`) as the superuser (or `user`), closed at the end of the test
   make_role     make_role(superuser=False) -> the name of a new login role
   http_service  the session's HTTP service with its scripts and records reset
+
+Per module (started once for the module that uses it):
+  ingress       a cluster of its own with the HTTP ingress on a free port and small bounds
+                (harness/ingress.py): .request(method, path, body, token, headers),
+                .token(tenant, user), .sql(user), .one(query, params, user)
   define_workflow  define_workflow(definition, name=None) -> the workflow's (fresh) name
 
 Environment: DISPATCHED_TEST_CONF may add postgresql.conf lines (separated by ';') to the
@@ -89,6 +94,18 @@ def define_workflow(connect):
         return name
 
     return _define
+
+
+@pytest.fixture(scope="module")
+def ingress(dbname):
+    """A cluster of the module's own with the HTTP ingress (harness/ingress.py)."""
+    from harness.ingress import start_ingress
+
+    ing = start_ingress(dbname)
+    try:
+        yield ing
+    finally:
+        ing.cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -454,6 +454,15 @@ impl Batch {
                   WHERE r.id = x.id",
                 &[JsonB(Value::Array(self.runs.clone())).into()],
             )?;
+            if self.finished {
+                // LISTEN dispatched: one notification per finished run, sent at commit
+                exec(
+                    "SELECT pg_notify('dispatched', jsonb_build_object('run_id', x.id, 'status', x.status)::text)
+                       FROM jsonb_to_recordset($1) AS x(id text, status text, finished bool)
+                      WHERE x.finished",
+                    &[JsonB(Value::Array(self.runs.clone())).into()],
+                )?;
+            }
         }
         if !self.steps_new.is_empty() {
             exec(
