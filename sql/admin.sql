@@ -8,6 +8,15 @@
 -- of every transaction that finished a run: LISTEN dispatched.
 
 -- Runs by workflow and status.
+DO $views$
+DECLARE
+    v_path text := pg_catalog.current_setting('search_path');
+BEGIN
+-- The views are created with search_path = pg_catalog, pg_temp, so that every function and
+-- operator in them is pg_catalog's whatever the installing session's path; then the path is
+-- put back.
+PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+
 CREATE VIEW dispatched.runs_by_status AS
 SELECT r.workflow,
        r.status,
@@ -101,6 +110,10 @@ SELECT r.id          AS run_id,
  WHERE r.status = 'waiting'
  ORDER BY r.updated_at, r.id
  LIMIT 1;
+
+PERFORM pg_catalog.set_config('search_path', v_path, true);
+END
+$views$;
 
 -- Resumes a failed run at its failed step, with new attempt numbers: the step's next attempt
 -- is its last one plus one, so Dispatched-Attempt and the invocation id are new and the

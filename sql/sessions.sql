@@ -5,7 +5,7 @@
 CREATE TABLE dispatched.session_tokens (
     token_hash  text        PRIMARY KEY,
     tenant      text        NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     created_by  text        NOT NULL
 );
 
