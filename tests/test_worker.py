@@ -702,3 +702,24 @@ def test_a_run_whose_definition_cannot_be_read_fails_alone(connect, define_workf
     assert doc["status"] == "failed"
     assert doc["error"]["message"].startswith("the workflow definition cannot be read: ")
     assert "steps: must be an array" in doc["error"]["message"]
+
+
+def test_secrets_are_not_in_pg_stat_activity_while_a_request_is_on_the_wire(connect, define_workflow, http_service):
+    conn = connect()
+    secret = "sk_live_ACTIVITY_77"
+    # a bind parameter: the secret is not in this statement's text either
+    conn.execute("SELECT dispatched.set_secret('activity_key', %s)", (secret,), prepare=False)
+    http_service.script("/hold", Reply(200, {"ok": True}, delay=1.5))
+    wf = define_workflow({"steps": [
+        {"id": "a", "request": {"url": http_service.url("/hold"), "headers": {"X-Key": "{{ secrets.activity_key }}"}}},
+        {"id": "b", "request": {"url": http_service.url("/hold"), "body": {"k": "{{ secrets.activity_key }}"}}},
+    ]})
+    run_id = start(conn, wf)
+    for n in (1, 2):
+        http_service.wait_for("/hold", n)  # the worker is between claim and record, or recording
+        seen = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE %s",
+            (f"%{secret}%",)).fetchone()[0]
+        assert seen == 0
+    assert attach(conn, run_id) == {"ok": True}
+    assert http_service.requests("/hold")[0].headers["X-Key"] == secret
