@@ -9,6 +9,7 @@ use pgrx::prelude::*;
 pgrx::pg_module_magic!();
 
 mod api;
+mod bgw;
 mod crypto;
 mod ingress;
 mod settings;

@@ -26,7 +26,7 @@
 
 mod server;
 
-use crate::{settings, shmem};
+use crate::{bgw, settings, shmem};
 use dispatched_core::{duration, keys};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::datum::DatumWithOid;
@@ -817,57 +817,6 @@ fn check_parked(parked: &mut Vec<Parked>) {
     *parked = keep;
 }
 
-fn make_pipe() -> (i32, i32) {
-    let mut fds = [0i32; 2];
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
-            error!("dispatched ingress: could not create a pipe");
-        }
-    }
-    (fds[0], fds[1])
-}
-
-fn drain(fd: i32) {
-    let mut buf = [0u8; 256];
-    loop {
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
-        }
-    }
-}
-
-/// Blocks every signal in the calling thread while `f` runs (threads spawned inside inherit
-/// the mask), so that Postgres' signal handlers only ever run on the main thread.
-fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
-}
-
-/// Sleeps until the latch is set, a request arrives on the pipe, or `ms` pass.
-fn wait(pipe_r: i32, ms: i64) {
-    unsafe {
-        pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET
-                | pg_sys::WL_SOCKET_READABLE
-                | pg_sys::WL_TIMEOUT
-                | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            pipe_r,
-            ms.max(1) as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-}
-
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn dispatched_ingress_main(_arg: pg_sys::Datum) {
@@ -893,10 +842,11 @@ pub extern "C-unwind" fn dispatched_ingress_main(_arg: pg_sys::Datum) {
         ),
         max_body: settings::HTTP_MAX_BODY_BYTES.get().max(1024) as usize,
     };
-    let (pipe_r, pipe_w) = make_pipe();
+    let (pipe_r, pipe_w) = bgw::make_pipe("dispatched ingress");
     let (jobs_tx, jobs_rx) = channel::<Job>();
-    let started =
-        with_signals_blocked(|| server::start(listener, limits.clone(), jobs_tx, pipe_w, PAGE));
+    let started = bgw::with_signals_blocked(|| {
+        server::start(listener, limits.clone(), jobs_tx, pipe_w, PAGE)
+    });
     if let Err(e) = started {
         error!("dispatched ingress: cannot start the listener thread: {e}");
     }
@@ -914,7 +864,7 @@ pub extern "C-unwind" fn dispatched_ingress_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        drain(pipe_r);
+        bgw::drain(pipe_r);
         let mut batch = Vec::new();
         while let Ok(j) = jobs_rx.try_recv() {
             batch.push(j);
@@ -931,7 +881,7 @@ pub extern "C-unwind" fn dispatched_ingress_main(_arg: pg_sys::Datum) {
             .min()
             .unwrap_or(MAX_SLEEP_MS)
             .min(MAX_SLEEP_MS);
-        wait(pipe_r, sleep_ms);
+        bgw::wait(pipe_r, sleep_ms);
     }
     if let Some(sh) = shmem::shared() {
         sh.ingress_procno.store(-1, Ordering::SeqCst);

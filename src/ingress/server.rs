@@ -425,10 +425,7 @@ fn serve(mut s: TcpStream, sh: &Shared) {
             &Response::error(503, "unavailable", "the ingress is stopping"),
         );
     }
-    unsafe {
-        let b = 1u8;
-        libc::write(sh.wake_fd, (&b as *const u8).cast(), 1);
-    }
+    crate::bgw::poke(sh.wake_fd);
     let r = rx.recv().unwrap_or_else(|_| {
         Response::error(503, "unavailable", "the ingress stopped before answering")
     });

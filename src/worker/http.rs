@@ -77,20 +77,6 @@ impl Resolver for CheckedResolver {
     }
 }
 
-/// Blocks every signal in the calling thread while `f` runs (threads spawned inside inherit
-/// the mask), so that Postgres' signal handlers only ever run on the main thread.
-fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
-}
-
 impl Pool {
     pub fn start(threads: usize, limits: Limits, wake_fd: RawFd) -> Pool {
         let limits = Arc::new(RwLock::new(limits));
@@ -111,7 +97,7 @@ impl Pool {
         let (jobs_tx, jobs_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        with_signals_blocked(|| {
+        crate::bgw::with_signals_blocked(|| {
             for n in 0..threads {
                 let rx = jobs_rx.clone();
                 let tx = done_tx.clone();
@@ -143,10 +129,7 @@ impl Pool {
                         if tx.send(done).is_err() {
                             return;
                         }
-                        unsafe {
-                            let b = 1u8;
-                            libc::write(wake_fd, (&b as *const u8).cast(), 1);
-                        }
+                        crate::bgw::poke(wake_fd);
                     });
             }
         });

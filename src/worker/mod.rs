@@ -12,7 +12,7 @@ mod http;
 mod purge;
 pub mod store;
 
-use crate::{api, crypto, settings, shmem};
+use crate::{api, bgw, crypto, settings, shmem};
 use dispatched_core::definition::Definition;
 use dispatched_core::engine::{self, Env, OutRequest, Outcome};
 use dispatched_core::hosts::HostRules;
@@ -327,26 +327,6 @@ fn fail_unreadable(run: &mut engine::Run, why: &str) -> engine::Effects {
     }
 }
 
-fn make_pipe() -> (i32, i32) {
-    let mut fds = [0i32; 2];
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
-            error!("dispatched worker: could not create a pipe");
-        }
-    }
-    (fds[0], fds[1])
-}
-
-fn drain(fd: i32) {
-    let mut buf = [0u8; 256];
-    loop {
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            break;
-        }
-    }
-}
-
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
@@ -362,7 +342,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
     }
 
-    let (pipe_r, pipe_w) = make_pipe();
+    let (pipe_r, pipe_w) = bgw::make_pipe("dispatched worker");
     let threads = settings::MAX_CONCURRENT_REQUESTS.get().max(1) as usize;
     let pool = http::Pool::start(threads, limits(), pipe_w);
     log!("dispatched worker {me} started in database \"{db}\" with {threads} HTTP threads");
@@ -387,7 +367,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                 *l = limits();
             }
         }
-        drain(pipe_r);
+        bgw::drain(pipe_r);
         while let Ok(d) = pool.done.try_recv() {
             inflight = inflight.saturating_sub(1);
             pending.push(d);
@@ -415,7 +395,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                         log!("dispatched worker {me}: waiting for CREATE EXTENSION dispatched in database \"{db}\"");
                         said_waiting = true;
                     }
-                    wait(pipe_r, 5_000);
+                    bgw::wait(pipe_r, 5_000);
                     continue;
                 }
             }
@@ -483,7 +463,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
         sleep_ms = sleep_ms.min(purge_in_ms);
         if sleep_ms > 0 {
-            wait(pipe_r, sleep_ms);
+            bgw::wait(pipe_r, sleep_ms);
         }
     }
     log!(
@@ -493,22 +473,5 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         if let Some(slot) = sh.worker_procnos.get(me as usize) {
             slot.store(-1, Ordering::SeqCst);
         }
-    }
-}
-
-/// Sleeps until the latch is set, an answer arrives on the pipe, or `ms` pass.
-fn wait(pipe_r: i32, ms: i64) {
-    unsafe {
-        pg_sys::WaitLatchOrSocket(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET
-                | pg_sys::WL_SOCKET_READABLE
-                | pg_sys::WL_TIMEOUT
-                | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            pipe_r,
-            ms.max(1) as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
     }
 }

@@ -262,7 +262,7 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         return pids
 
-    def wait_for_workers(self, n: int, timeout: float = 30.0) -> list[int]:
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> list[int]:
         """Waits until n dispatched workers run (they start once their database exists)."""
         deadline = time.monotonic() + timeout
         pids: list[int] = []
