@@ -1354,7 +1354,8 @@ mod tests {
     }
 
     impl T {
-        fn due(&mut self, run: &mut Run, d: &Definition, logged: Option<Outcome>) -> Effects {
+        /// Runs `f` with the test environment: one secret, fixed jitter, numbered child ids.
+        fn with_env(&mut self, f: impl FnOnce(&mut Env) -> Effects) -> Effects {
             let secret = |n: &str| (n == "key").then(|| "sk_test_secret".to_string());
             let all = vec!["sk_test_secret".to_string()];
             let mut jitter = || 0.5;
@@ -1373,7 +1374,11 @@ mod tests {
                 new_run_id: &mut new_id,
                 workflow_exists: &exists,
             };
-            on_due(run, d, &mut env, logged)
+            f(&mut env)
+        }
+
+        fn due(&mut self, run: &mut Run, d: &Definition, logged: Option<Outcome>) -> Effects {
+            self.with_env(|env| on_due(run, d, env, logged))
         }
 
         fn answer(
@@ -1383,33 +1388,9 @@ mod tests {
             req: &OutRequest,
             o: Outcome,
         ) -> Effects {
-            let secret = |n: &str| (n == "key").then(|| "sk_test_secret".to_string());
-            let all = vec!["sk_test_secret".to_string()];
-            let mut jitter = || 0.5;
-            let ids = &mut self.ids;
-            let mut new_id = || {
-                *ids += 1;
-                format!("run_CHILD{:08}", *ids)
-            };
-            let exists = |w: &str| w != "nope";
-            let mut env = Env {
-                now_ms: self.now,
-                default_timeout_ms: 30_000,
-                secret: &secret,
-                all_secrets: &all,
-                jitter: &mut jitter,
-                new_run_id: &mut new_id,
-                workflow_exists: &exists,
-            };
-            on_outcome(
-                run,
-                d,
-                &mut env,
-                req.step_idx,
-                req.compensate,
-                req.attempt,
-                o,
-            )
+            self.with_env(|env| {
+                on_outcome(run, d, env, req.step_idx, req.compensate, req.attempt, o)
+            })
         }
     }
 
