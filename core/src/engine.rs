@@ -428,6 +428,45 @@ pub fn on_outcome(
     m.fx
 }
 
+/// An attempt ended and, when what follows is due at once (the next step, a compensation),
+/// goes on to it in the same call: the answer and the next request are recorded together,
+/// and the run never goes back through the queue between two steps. Whatever is due later
+/// (a backoff, a delay, a wait) is left to the queue.
+#[allow(clippy::too_many_arguments)]
+pub fn on_outcome_then_due(
+    run: &mut Run,
+    def: &Definition,
+    env: &mut Env,
+    idx: usize,
+    compensate: bool,
+    attempt: u32,
+    outcome: Outcome,
+) -> Effects {
+    let mut fx = on_outcome(run, def, env, idx, compensate, attempt, outcome);
+    if let TaskChange::DueAt(at) = fx.task {
+        if at <= env.now_ms && !fx.finished && !run.status.finished() {
+            let next = on_due(run, def, env, None);
+            fx.then(next);
+        }
+    }
+    fx
+}
+
+impl Effects {
+    /// Appends what a later call on the same run produced; its task change wins.
+    pub fn then(&mut self, next: Effects) {
+        self.events.extend(next.events);
+        self.requests.extend(next.requests);
+        self.task = next.task;
+        self.invocations.extend(next.invocations);
+        self.signals_taken.extend(next.signals_taken);
+        self.spawns.extend(next.spawns);
+        self.signals_out.extend(next.signals_out);
+        self.cancels_out.extend(next.cancels_out);
+        self.finished |= next.finished;
+    }
+}
+
 /// The `steps` object expressions see: `{"<id>": {"response": .., "signal": ..}}`.
 pub fn steps_context(run: &Run, def: &Definition) -> Value {
     let mut m = Map::new();
@@ -1392,6 +1431,57 @@ mod tests {
                 on_outcome(run, d, env, req.step_idx, req.compensate, req.attempt, o)
             })
         }
+    }
+
+    impl T {
+        fn answer_then_due(
+            &mut self,
+            run: &mut Run,
+            d: &Definition,
+            req: &OutRequest,
+            o: Outcome,
+        ) -> Effects {
+            self.with_env(|env| {
+                on_outcome_then_due(run, d, env, req.step_idx, req.compensate, req.attempt, o)
+            })
+        }
+    }
+
+    #[test]
+    fn an_answer_goes_on_to_the_next_step_at_once_but_leaves_backoff_to_the_queue() {
+        let d = def(json!({"steps": [
+            {"id": "a", "request": {"url": "http://svc/a"}},
+            {"id": "b", "request": {"url": "http://svc/b"}}
+        ]}));
+        let mut run = new_run(&d, json!({}));
+        let mut t = T {
+            now: 1_000_000,
+            ids: 0,
+        };
+        let fx = t.due(&mut run, &d, None);
+        let a = fx.requests[0].clone();
+        // a succeeds: b starts in the same call, and the task stays leased
+        let fx = t.answer_then_due(&mut run, &d, &a, ok(200, json!({})));
+        assert_eq!(kinds(&fx), ["step.succeeded", "step.started"]);
+        assert_eq!(fx.invocations.len(), 1);
+        assert_eq!(fx.requests.len(), 1);
+        assert_eq!(fx.requests[0].step_id, "b");
+        assert_eq!(
+            fx.task,
+            TaskChange::Lease(1_000_000 + 30_000 + LEASE_MARGIN_MS)
+        );
+        // b answers 503: the retry waits in the queue for its backoff
+        let b = fx.requests[0].clone();
+        let fx = t.answer_then_due(&mut run, &d, &b, ok(503, json!({})));
+        assert!(fx.requests.is_empty());
+        assert!(matches!(fx.task, TaskChange::DueAt(at) if at > 1_000_000));
+        // the retry succeeds and the run finishes; nothing follows
+        let fx = t.due(&mut run, &d, None);
+        let b2 = fx.requests[0].clone();
+        let fx = t.answer_then_due(&mut run, &d, &b2, ok(200, json!({})));
+        assert!(fx.finished && fx.requests.is_empty());
+        assert_eq!(fx.task, TaskChange::Delete);
+        assert_eq!(run.status, RunStatus::Completed);
     }
 
     fn ok(status: u16, body: Value) -> Outcome {

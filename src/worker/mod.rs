@@ -222,7 +222,7 @@ impl Worker {
         let n = claimed.len();
         let claims: HashMap<String, i32> = claimed.into_iter().collect();
         let ids: Vec<String> = claims.keys().cloned().collect();
-        let loaded = store::load_runs(&ids)?;
+        let loaded = store::load_runs(&ids, true)?;
         let mut p = self.apply(
             loaded,
             |run, def, env, logged| Some(engine::on_due(run, def, env, logged)),
@@ -241,7 +241,7 @@ impl Worker {
             .into_iter()
             .collect();
         let tasks = store::lock_tasks(&ids)?;
-        let loaded = store::load_runs(&ids)?;
+        let loaded = store::load_runs(&ids, false)?;
         let by_run: HashMap<&str, &http::Done> =
             done.iter().map(|d| (d.req.run_id.as_str(), d)).collect();
         let me = self.me;
@@ -270,7 +270,8 @@ impl Worker {
             current,
             |run, def, env, _| {
                 let d = by_run.get(run.id.as_str())?;
-                let mut fx = engine::on_outcome(
+                // the answer and, when it follows at once, the next request in one transaction
+                let mut fx = engine::on_outcome_then_due(
                     run,
                     def,
                     env,
@@ -377,6 +378,16 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         if !ready {
             match tx(store::extension_ready) {
                 Ok(true) => {
+                    // The worker's statements are short and run over and over: compiling them
+                    // (JIT, for the large batches' estimated cost) costs more than it saves.
+                    // And the worker reads and writes only by key: a batch of 256 ids must
+                    // never become a scan of the whole runs table, which the planner picks when
+                    // it prices 256 index probes above one sequential pass.
+                    if let Err(e) =
+                        tx(|| store::exec("SET jit = off; SET enable_seqscan = off", &[]))
+                    {
+                        warning!("dispatched worker {me}: {e}");
+                    }
                     // This worker holds nothing in flight now: tasks leased under its number
                     // (by its previous life, before a crash or restart) are due again at once,
                     // with the same attempt numbers.

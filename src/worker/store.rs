@@ -119,129 +119,235 @@ pub struct Loaded {
     pub logged: Option<Value>,
 }
 
-fn parse_step(v: &Value) -> Option<(usize, StepRec)> {
-    let idx = v.get("idx")?.as_u64()? as usize;
-    let opt = |k: &str| v.get(k).filter(|x| !x.is_null()).cloned();
-    Some((
-        idx,
-        StepRec {
-            status: StepStatus::parse(v.get("status")?.as_str()?)?,
-            phase: Phase::parse(v.get("phase")?.as_str()?)?,
-            attempt: v.get("attempt")?.as_u64()? as u32,
-            response: opt("response"),
-            signal: opt("signal"),
-            error: opt("error"),
-            wait_deadline_ms: v.get("wait_deadline_ms").and_then(Value::as_i64),
-            invocation: v
-                .get("invocation")
-                .and_then(Value::as_str)
-                .map(String::from),
-            comp_attempt: v.get("comp_attempt").and_then(Value::as_u64).unwrap_or(0) as u32,
-            comp_phase: v
-                .get("comp_phase")
-                .and_then(Value::as_str)
-                .and_then(Phase::parse),
-            child: v.get("child").and_then(Value::as_str).map(String::from),
-            stored: true,
-            finished: false,
-            dirty: false,
-        },
-    ))
-}
-
-fn parse_run(v: &Value) -> Option<Loaded> {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
-    let opt = |k: &str| v.get(k).filter(|x| !x.is_null()).cloned();
-    let mut steps: Vec<Option<StepRec>> = Vec::new();
-    if let Some(Value::Array(items)) = v.get("steps") {
-        for item in items {
-            let (idx, rec) = parse_step(item)?;
+/// Loads runs, with their steps, buffered signals, the child an attached step waits for, and
+/// (`with_logged`) the Layer 2 outcome of the attempt each run's current step has on the
+/// wire. The caller holds their task rows locked (claimed or `lock_tasks`); `signal` and
+/// `cancel_run` lock the task row before the run, so the task lock alone keeps them out.
+///
+/// Typed columns, one statement per table: building one JSON document per run in SQL and
+/// parsing it again cost more than everything else the worker does for a step.
+pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
+    Spi::connect_mut(|c| {
+        let mut runs: Vec<Loaded> = Vec::with_capacity(ids.len());
+        let mut at: HashMap<String, usize> = HashMap::with_capacity(ids.len());
+        let t = c
+            .update(
+                "SELECT r.id, r.tenant, r.status, r.step_index, r.compensating, r.waiting_for,
+                        r.input, r.output, r.error, r.parent, r.workflow, r.version
+                   FROM dispatched.runs r WHERE r.id = ANY($1)",
+                None,
+                &[ids.to_vec().into()],
+            )
+            .map_err(e)?;
+        for row in t {
+            let id: String = row.get(1).map_err(e)?.unwrap_or_default();
+            let status: String = row.get(3).map_err(e)?.unwrap_or_default();
+            let Some(status) = RunStatus::parse(&status) else {
+                warning!(
+                    "dispatched: run {id} has a state the worker cannot read; it is left alone"
+                );
+                continue;
+            };
+            at.insert(id.clone(), runs.len());
+            runs.push(Loaded {
+                run: Run {
+                    id,
+                    tenant: row.get(2).map_err(e)?.unwrap_or_default(),
+                    status,
+                    step_index: row.get::<i32>(4).map_err(e)?.unwrap_or(0).max(0) as usize,
+                    compensating: row.get(5).map_err(e)?.unwrap_or(false),
+                    waiting_for: row.get(6).map_err(e)?,
+                    input: row
+                        .get::<DeepJsonB>(7)
+                        .map_err(e)?
+                        .map(|j| j.0)
+                        .unwrap_or(Value::Null),
+                    output: row.get::<DeepJsonB>(8).map_err(e)?.map(|j| j.0),
+                    error: row.get::<DeepJsonB>(9).map_err(e)?.map(|j| j.0),
+                    parent: row.get(10).map_err(e)?,
+                    steps: Vec::new(),
+                    signals: Vec::new(),
+                    child: None,
+                    dirty: false,
+                },
+                workflow: row.get(11).map_err(e)?.unwrap_or_default(),
+                version: row.get(12).map_err(e)?.unwrap_or(0),
+                logged: None,
+            });
+        }
+        if runs.is_empty() {
+            return Ok(runs);
+        }
+        let t = c
+            .update(
+                "SELECT s.run_id, s.idx, s.status, s.phase, s.attempt, s.response, s.signal, s.error,
+                        (extract(epoch FROM s.wait_deadline) * 1000)::bigint, s.invocation,
+                        s.comp_attempt, s.comp_phase, s.child
+                   FROM dispatched.steps s WHERE s.run_id = ANY($1)",
+                None,
+                &[ids.to_vec().into()],
+            )
+            .map_err(e)?;
+        let mut unreadable: Vec<String> = Vec::new();
+        for row in t {
+            let run_id: String = row.get(1).map_err(e)?.unwrap_or_default();
+            let Some(&k) = at.get(&run_id) else { continue };
+            let idx = row.get::<i32>(2).map_err(e)?.unwrap_or(-1);
+            let status = row
+                .get::<String>(3)
+                .map_err(e)?
+                .and_then(|x| StepStatus::parse(&x));
+            let phase = row
+                .get::<String>(4)
+                .map_err(e)?
+                .and_then(|x| Phase::parse(&x));
+            let (Some(status), Some(phase), true) = (status, phase, (0..10_000).contains(&idx))
+            else {
+                unreadable.push(run_id);
+                continue;
+            };
+            let rec = StepRec {
+                status,
+                phase,
+                attempt: row.get::<i32>(5).map_err(e)?.unwrap_or(0).max(0) as u32,
+                response: row.get::<DeepJsonB>(6).map_err(e)?.map(|j| j.0),
+                signal: row.get::<DeepJsonB>(7).map_err(e)?.map(|j| j.0),
+                error: row.get::<DeepJsonB>(8).map_err(e)?.map(|j| j.0),
+                wait_deadline_ms: row.get(9).map_err(e)?,
+                invocation: row.get(10).map_err(e)?,
+                comp_attempt: row.get::<i32>(11).map_err(e)?.unwrap_or(0).max(0) as u32,
+                comp_phase: row
+                    .get::<String>(12)
+                    .map_err(e)?
+                    .and_then(|x| Phase::parse(&x)),
+                child: row.get(13).map_err(e)?,
+                stored: true,
+                finished: false,
+                dirty: false,
+            };
+            let steps = &mut runs[k].run.steps;
+            let idx = idx as usize;
             if steps.len() <= idx {
                 steps.resize(idx + 1, None);
             }
             steps[idx] = Some(rec);
         }
-    }
-    let mut signals = Vec::new();
-    if let Some(Value::Array(items)) = v.get("signals") {
-        for g in items {
-            signals.push(BufferedSignal {
-                id: g.get("id")?.as_i64()?,
-                name: g.get("name")?.as_str()?.to_string(),
-                data: g.get("data").filter(|x| !x.is_null()).cloned(),
+        let t = c
+            .update(
+                "SELECT g.run_id, g.id, g.name, g.data FROM dispatched.signals g
+                  WHERE g.run_id = ANY($1) AND g.taken_by_step IS NULL ORDER BY g.id",
+                None,
+                &[ids.to_vec().into()],
+            )
+            .map_err(e)?;
+        for row in t {
+            let run_id: String = row.get(1).map_err(e)?.unwrap_or_default();
+            let Some(&k) = at.get(&run_id) else { continue };
+            runs[k].run.signals.push(BufferedSignal {
+                id: row.get(2).map_err(e)?.unwrap_or(0),
+                name: row.get(3).map_err(e)?.unwrap_or_default(),
+                data: row.get::<DeepJsonB>(4).map_err(e)?.map(|j| j.0),
             });
         }
-    }
-    let child = v.get("child").filter(|c| !c.is_null()).and_then(|c| {
-        Some(ChildState {
-            id: c.get("id")?.as_str()?.to_string(),
-            status: RunStatus::parse(c.get("status")?.as_str()?)?,
-            output: c.get("output").filter(|x| !x.is_null()).cloned(),
-            error: c.get("error").filter(|x| !x.is_null()).cloned(),
-        })
-    });
-    Some(Loaded {
-        run: Run {
-            id: s("id")?,
-            tenant: s("tenant")?,
-            status: RunStatus::parse(&s("status")?)?,
-            step_index: v.get("step_index")?.as_u64()? as usize,
-            compensating: v.get("compensating")?.as_bool()?,
-            waiting_for: s("waiting_for"),
-            input: v.get("input").cloned().unwrap_or(Value::Null),
-            output: opt("output"),
-            error: opt("error"),
-            parent: s("parent"),
-            steps,
-            signals,
-            child,
-            dirty: false,
-        },
-        workflow: s("workflow")?,
-        version: v.get("version")?.as_i64()? as i32,
-        logged: opt("logged"),
-    })
-}
-
-/// Loads runs. The caller holds their task rows locked (claimed or `lock_tasks`); `signal`
-/// and `cancel_run` lock the task row before the run, so the task lock alone keeps them out.
-pub fn load_runs(ids: &[String]) -> Res<Vec<Loaded>> {
-    let rows = rows_json(
-        "SELECT jsonb_build_object(
-             'id', r.id, 'tenant', r.tenant, 'status', r.status, 'step_index', r.step_index,
-             'compensating', r.compensating, 'waiting_for', r.waiting_for, 'input', r.input,
-             'output', r.output, 'error', r.error, 'parent', r.parent,
-             'workflow', r.workflow, 'version', r.version,
-             'steps', (SELECT jsonb_agg(jsonb_build_object(
-                           'idx', s.idx, 'status', s.status, 'phase', s.phase, 'attempt', s.attempt,
-                           'response', s.response, 'signal', s.signal, 'error', s.error,
-                           'wait_deadline_ms', (extract(epoch FROM s.wait_deadline) * 1000)::bigint,
-                           'invocation', s.invocation, 'comp_attempt', s.comp_attempt,
-                           'comp_phase', s.comp_phase, 'child', s.child))
-                         FROM dispatched.steps s WHERE s.run_id = r.id),
-             'signals', (SELECT jsonb_agg(jsonb_build_object('id', g.id, 'name', g.name, 'data', g.data) ORDER BY g.id)
-                           FROM dispatched.signals g WHERE g.run_id = r.id AND g.taken_by_step IS NULL),
-             'child', (SELECT jsonb_build_object('id', c.id, 'status', c.status, 'output', c.output, 'error', c.error)
-                         FROM dispatched.runs c
-                        WHERE r.waiting_for LIKE 'child:%' AND c.id = substr(r.waiting_for, 7)),
-             'logged', (SELECT i.outcome FROM dispatched.steps s
-                          JOIN dispatched.invocations i ON i.tenant = r.tenant AND i.invocation_id = s.invocation
-                         WHERE s.run_id = r.id AND s.idx = r.step_index))
-           FROM dispatched.runs r
-          WHERE r.id = ANY($1)",
-        &[ids.to_vec().into()],
-    )?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        match parse_run(row) {
-            Some(l) => out.push(l),
-            None => warning!(
-                "dispatched: run {} has a state the worker cannot read; it is left alone",
-                row.get("id").and_then(Value::as_str).unwrap_or("?")
-            ),
+        let children: Vec<String> = runs
+            .iter()
+            .filter_map(|l| {
+                l.run
+                    .waiting_for
+                    .as_deref()?
+                    .strip_prefix("child:")
+                    .map(String::from)
+            })
+            .collect();
+        if !children.is_empty() {
+            let t = c
+                .update(
+                    "SELECT c.id, c.status, c.output, c.error FROM dispatched.runs c WHERE c.id = ANY($1)",
+                    None,
+                    &[children.into()],
+                )
+                .map_err(e)?;
+            let mut found: HashMap<String, ChildState> = HashMap::new();
+            for row in t {
+                let id: String = row.get(1).map_err(e)?.unwrap_or_default();
+                let Some(status) = row
+                    .get::<String>(2)
+                    .map_err(e)?
+                    .and_then(|x| RunStatus::parse(&x))
+                else {
+                    continue;
+                };
+                found.insert(
+                    id.clone(),
+                    ChildState {
+                        id,
+                        status,
+                        output: row.get::<DeepJsonB>(3).map_err(e)?.map(|j| j.0),
+                        error: row.get::<DeepJsonB>(4).map_err(e)?.map(|j| j.0),
+                    },
+                );
+            }
+            for l in runs.iter_mut() {
+                let key = l
+                    .run
+                    .waiting_for
+                    .as_deref()
+                    .and_then(|w| w.strip_prefix("child:"));
+                if let Some(key) = key {
+                    l.run.child = found.get(key).cloned();
+                }
+            }
         }
-    }
-    Ok(out)
+        if with_logged {
+            // the attempt on the wire of each run's current step (or its compensation)
+            let mut tenants = Vec::new();
+            let mut invs = Vec::new();
+            for l in &runs {
+                if let Some(Some(s)) = l.run.steps.get(l.run.step_index) {
+                    if let Some(inv) = &s.invocation {
+                        tenants.push(l.run.tenant.clone());
+                        invs.push(inv.clone());
+                    }
+                }
+            }
+            if !invs.is_empty() {
+                let t = c
+                    .update(
+                        "SELECT i.tenant, i.invocation_id, i.outcome
+                           FROM unnest($1::text[], $2::text[]) AS x(tenant, invocation_id)
+                           JOIN dispatched.invocations i
+                             ON i.tenant = x.tenant AND i.invocation_id = x.invocation_id",
+                        None,
+                        &[tenants.into(), invs.into()],
+                    )
+                    .map_err(e)?;
+                let mut found: HashMap<(String, String), Value> = HashMap::new();
+                for row in t {
+                    let tenant: String = row.get(1).map_err(e)?.unwrap_or_default();
+                    let inv: String = row.get(2).map_err(e)?.unwrap_or_default();
+                    if let Some(DeepJsonB(v)) = row.get::<DeepJsonB>(3).map_err(e)? {
+                        found.insert((tenant, inv), v);
+                    }
+                }
+                for l in runs.iter_mut() {
+                    let inv = match l.run.steps.get(l.run.step_index) {
+                        Some(Some(s)) => s.invocation.clone(),
+                        _ => None,
+                    };
+                    if let Some(inv) = inv {
+                        l.logged = found.remove(&(l.run.tenant.clone(), inv));
+                    }
+                }
+            }
+        }
+        if !unreadable.is_empty() {
+            for id in &unreadable {
+                warning!("dispatched: run {id} has a step state the worker cannot read; it is left alone");
+            }
+            runs.retain(|l| !unreadable.contains(&l.run.id));
+        }
+        Ok(runs)
+    })
 }
 
 /// Workflow definitions by (name, version), parsed once per worker.
