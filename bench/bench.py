@@ -211,19 +211,24 @@ def wait_drained(conn, counters: Counters, total_runs: int, progress=None, timeo
     """Polls (every 50 ms) until no task is left; returns the time it happened."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        left, done = conn.execute(
-            "SELECT (SELECT count(*) FROM dispatched.tasks), "
-            "       (SELECT count(*) FROM dispatched.runs WHERE status IN ('completed','failed','cancelled'))"
-        ).fetchone()
+        # cheap for the server: the poll is counted in the cost figures
+        if progress:
+            left, done = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM dispatched.tasks), "
+                "       (SELECT count(*) FROM dispatched.runs WHERE status IN ('completed','failed','cancelled'))"
+            ).fetchone()
+        else:
+            left, done = conn.execute("SELECT EXISTS (SELECT 1 FROM dispatched.tasks), 0").fetchone()
         counters.polls += 1
         if counters.polls % 10 == 0:
             counters.sample_memory()
         now = time.perf_counter()
         if progress:
             progress(now, done)
-        if left == 0:
+        if not left:
             return now
-        time.sleep(0.05)
+        # counting finished runs reads the whole runs table: less often when progress is wanted
+        time.sleep(0.25 if progress else 0.05)
     raise TimeoutError("runs did not drain")
 
 

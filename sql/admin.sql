@@ -207,7 +207,10 @@ BEGIN
         RETURN 0;
     END IF;
     DELETE FROM dispatched.events e WHERE e.run_id = ANY (v_ids);
-    DELETE FROM dispatched.runs r WHERE r.id = ANY (v_ids);  -- steps, signals, tasks cascade
+    DELETE FROM dispatched.steps s WHERE s.run_id = ANY (v_ids);
+    DELETE FROM dispatched.signals g WHERE g.run_id = ANY (v_ids);
+    DELETE FROM dispatched.tasks t WHERE t.run_id = ANY (v_ids);
+    DELETE FROM dispatched.runs r WHERE r.id = ANY (v_ids);
     RETURN cardinality(v_ids);
 END;
 $$;

@@ -173,8 +173,8 @@ impl Worker {
                     // Never let one run stop a batch: a definition that cannot be read fails
                     // its run, with the reason.
                     warning!("dispatched: run {}: {e}", l.run.id);
-                    let fx = fail_unreadable(&mut l.run, &e);
-                    batch.add(&l.run, &[], &fx, self.me, &encrypt);
+                    let mut fx = fail_unreadable(&mut l.run, &e);
+                    batch.add(&l.run, &[], &mut fx, self.me, &encrypt);
                     continue;
                 }
             };
@@ -188,11 +188,11 @@ impl Worker {
                 workflow_exists: &exists,
             };
             let logged = l.logged.as_ref().and_then(Outcome::from_log);
-            let Some(fx) = call(&mut l.run, &def, &mut env, logged) else {
+            let Some(mut fx) = call(&mut l.run, &def, &mut env, logged) else {
                 continue;
             };
             let step_ids: Vec<&str> = def.steps.iter().map(|s| s.id.as_str()).collect();
-            batch.add(&l.run, &step_ids, &fx, self.me, &encrypt);
+            batch.add(&l.run, &step_ids, &mut fx, self.me, &encrypt);
             let claims = claims_of.get(&l.run.id).copied().unwrap_or(0);
             requests.extend(fx.requests.into_iter().map(|r| (r, claims)));
         }
@@ -229,7 +229,12 @@ impl Worker {
             &claims,
         )?;
         p.claimed = n;
-        p.next_due_ms = store::next_due_ms()?;
+        // a full claim means more is due now: the loop claims again at once
+        p.next_due_ms = if n < limit {
+            store::next_due_ms()?
+        } else {
+            Some(0)
+        };
         Ok(p)
     }
 

@@ -10,6 +10,7 @@ use dispatched_core::engine::{
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,26 +55,37 @@ pub fn extension_ready() -> Res<bool> {
 /// Claims up to `limit` due tasks for worker `me`, leasing them for `lease_ms`.
 /// Returns (run id, claims) pairs.
 pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
-    let rows = rows_json(
-        "WITH due AS (
-             SELECT t.run_id FROM dispatched.tasks t
-              WHERE t.due_at <= clock_timestamp()
-                AND (t.lease_until IS NULL OR t.lease_until <= clock_timestamp())
-              ORDER BY t.due_at
-              LIMIT $1
-              FOR UPDATE SKIP LOCKED)
-         UPDATE dispatched.tasks t
-            SET lease_owner = $2, lease_until = clock_timestamp() + $3 * interval '1 millisecond',
-                claims = t.claims + 1
-           FROM due
-          WHERE t.run_id = due.run_id
-         RETURNING jsonb_build_array(t.run_id, t.claims)",
-        &[limit.into(), me.into(), lease_ms.into()],
-    )?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|v| Some((v.get(0)?.as_str()?.to_string(), v.get(1)?.as_i64()? as i32)))
-        .collect())
+    Spi::connect_mut(|c| {
+        let t = c
+            .update(
+                "WITH due AS (
+                     SELECT t.run_id FROM dispatched.tasks t
+                      WHERE t.due_at <= clock_timestamp()
+                        AND (t.lease_until IS NULL OR t.lease_until <= clock_timestamp())
+                      ORDER BY t.due_at
+                      LIMIT $1
+                      FOR UPDATE SKIP LOCKED)
+                 UPDATE dispatched.tasks t
+                    SET lease_owner = $2, lease_until = clock_timestamp() + $3 * interval '1 millisecond',
+                        claims = t.claims + 1
+                   FROM due
+                  WHERE t.run_id = due.run_id
+                 RETURNING t.run_id, t.claims",
+                None,
+                &[limit.into(), me.into(), lease_ms.into()],
+            )
+            .map_err(e)?;
+        let mut out = Vec::with_capacity(t.len());
+        for row in t {
+            if let (Some(id), Some(claims)) = (
+                row.get::<String>(1).map_err(e)?,
+                row.get::<i32>(2).map_err(e)?,
+            ) {
+                out.push((id, claims));
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// Makes the tasks leased by worker `me` due now (the worker just started: it has nothing
@@ -88,27 +100,31 @@ pub fn release_leases(me: i32) -> Res<i64> {
     Ok(rows.first().and_then(Value::as_i64).unwrap_or(0))
 }
 
-/// Locks the tasks of these runs and returns their current claims counter (absent: no task).
+/// Locks the tasks of these runs and returns their claims counter and lease owner (absent:
+/// no task).
 pub fn lock_tasks(ids: &[String]) -> Res<HashMap<String, (i32, Option<i32>)>> {
-    let rows = rows_json(
-        "SELECT jsonb_build_array(t.run_id, t.claims, t.lease_owner)
-           FROM dispatched.tasks t WHERE t.run_id = ANY($1)
-          ORDER BY t.run_id
-            FOR UPDATE",
-        &[ids.to_vec().into()],
-    )?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|v| {
-            Some((
-                v.get(0)?.as_str()?.to_string(),
-                (
-                    v.get(1)?.as_i64()? as i32,
-                    v.get(2).and_then(Value::as_i64).map(|x| x as i32),
-                ),
-            ))
-        })
-        .collect())
+    Spi::connect_mut(|c| {
+        let t = c
+            .update(
+                "SELECT t.run_id, t.claims, t.lease_owner
+                   FROM dispatched.tasks t WHERE t.run_id = ANY($1)
+                  ORDER BY t.run_id
+                    FOR UPDATE",
+                None,
+                &[ids.to_vec().into()],
+            )
+            .map_err(e)?;
+        let mut out = HashMap::with_capacity(t.len());
+        for row in t {
+            if let (Some(id), Some(claims)) = (
+                row.get::<String>(1).map_err(e)?,
+                row.get::<i32>(2).map_err(e)?,
+            ) {
+                out.insert(id, (claims, row.get::<i32>(3).map_err(e)?));
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// A run as loaded, with what the worker needs besides the state machine's view.
@@ -408,26 +424,113 @@ pub fn workflows_existing(names: &[String]) -> Res<Vec<String>> {
         .collect())
 }
 
-fn ms_json(ms: Option<i64>) -> Value {
-    match ms {
-        Some(m) => json!(m),
-        None => Value::Null,
+/// Rows for one statement, written straight to JSON text from borrowed data (no value tree,
+/// no copies), read in SQL with `json_to_recordset($1::json)`: only the jsonb columns inside
+/// are parsed into jsonb, not the whole array.
+#[derive(Default)]
+struct Rows {
+    buf: String,
+}
+
+impl Rows {
+    fn push<T: Serialize>(&mut self, row: &T) {
+        self.buf.push(if self.buf.is_empty() { '[' } else { ',' });
+        // serializing plain structs and serde_json values into a String cannot fail
+        if let Ok(text) = serde_json::to_string(row) {
+            self.buf.push_str(&text);
+        }
     }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn take(&mut self) -> String {
+        let mut text = std::mem::take(&mut self.buf);
+        text.push(']');
+        text
+    }
+}
+
+#[derive(Serialize)]
+struct RunRow<'a> {
+    id: &'a str,
+    status: &'a str,
+    step_index: usize,
+    compensating: bool,
+    waiting_for: &'a Option<String>,
+    output: &'a Option<Value>,
+    error: &'a Option<Value>,
+    finished: bool,
+}
+
+#[derive(Serialize)]
+struct StepRow<'a> {
+    run_id: &'a str,
+    idx: usize,
+    step_id: &'a str,
+    status: &'a str,
+    phase: &'a str,
+    attempt: u32,
+    response: &'a Option<Value>,
+    signal: &'a Option<Value>,
+    error: &'a Option<Value>,
+    wait_deadline_ms: Option<i64>,
+    invocation: &'a Option<String>,
+    comp_attempt: u32,
+    comp_phase: Option<&'a str>,
+    child: &'a Option<String>,
+    finished: bool,
+}
+
+#[derive(Serialize)]
+struct EventRow<'a> {
+    run_id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    step: &'a Option<String>,
+    data: &'a Value,
+}
+
+#[derive(Serialize)]
+struct TaskRow<'a> {
+    run_id: &'a str,
+    due_ms: Option<i64>,
+    lease_ms: Option<i64>,
+    lease_owner: Option<i32>,
+}
+
+#[derive(Serialize)]
+struct InvocationRow<'a> {
+    tenant: &'a str,
+    invocation_id: &'a str,
+    run_id: &'a str,
+    node_id: &'a str,
+    attempt: u32,
+    provider_key: &'a str,
+    outcome: &'a Value,
+}
+
+#[derive(Serialize)]
+struct NotifyRow<'a> {
+    id: &'a str,
+    status: &'a str,
 }
 
 /// Everything to write for a batch.
 #[derive(Default)]
 pub struct Batch {
-    runs: Vec<Value>,
-    steps: Vec<Value>,
-    steps_new: Vec<Value>,
-    events: Vec<Value>,
-    task_set: Vec<Value>,
+    runs: Rows,
+    notify: Rows,
+    steps: Rows,
+    steps_new: Rows,
+    events: Rows,
+    task_set: Rows,
     task_delete: Vec<String>,
-    invocations: Vec<Value>,
-    signals_taken: Vec<Value>,
-    spawns: Vec<Value>,
-    parents: Vec<Value>,
+    invocations: Rows,
+    signals_taken: Rows,
+    spawns: Rows,
+    parents: Rows,
     pub signals_out: Vec<(String, String, Option<Value>, String, String)>,
     pub cancels_out: Vec<(String, String, String)>,
     pub finished: bool,
@@ -438,12 +541,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// `step_ids`: the ids of the run's steps, in order (from its definition).
+    /// `step_ids`: the ids of the run's steps, in order (from its definition). The events'
+    /// data is taken out of `fx` (encrypted first where it is large).
     pub fn add(
         &mut self,
         run: &Run,
         step_ids: &[&str],
-        fx: &Effects,
+        fx: &mut Effects,
         me: i32,
         encrypt: &dyn Fn(&mut Value),
     ) {
@@ -459,11 +563,23 @@ impl Batch {
             self.decided = true;
         }
         if run.dirty || fx.finished {
-            self.runs.push(json!({
-                "id": run.id, "status": run.status.as_str(), "step_index": run.step_index,
-                "compensating": run.compensating, "waiting_for": run.waiting_for,
-                "output": run.output, "error": run.error, "finished": run.status.finished(),
-            }));
+            let finished = run.status.finished();
+            self.runs.push(&RunRow {
+                id: &run.id,
+                status: run.status.as_str(),
+                step_index: run.step_index,
+                compensating: run.compensating,
+                waiting_for: &run.waiting_for,
+                output: &run.output,
+                error: &run.error,
+                finished,
+            });
+            if finished {
+                self.notify.push(&NotifyRow {
+                    id: &run.id,
+                    status: run.status.as_str(),
+                });
+            }
         }
         for (i, s) in run.steps.iter().enumerate() {
             let Some(s) = s else { continue };
@@ -475,41 +591,64 @@ impl Batch {
             } else {
                 &mut self.steps_new
             };
-            rows.push(json!({
-                "run_id": run.id, "idx": i, "step_id": step_ids.get(i).copied().unwrap_or(""), "status": s.status.as_str(), "phase": s.phase.as_str(),
-                "attempt": s.attempt, "response": s.response, "signal": s.signal, "error": s.error,
-                "wait_deadline_ms": ms_json(s.wait_deadline_ms), "invocation": s.invocation,
-                "comp_attempt": s.comp_attempt, "comp_phase": s.comp_phase.map(|p| p.as_str()),
-                "child": s.child, "finished": s.finished,
-            }));
+            rows.push(&StepRow {
+                run_id: &run.id,
+                idx: i,
+                step_id: step_ids.get(i).copied().unwrap_or(""),
+                status: s.status.as_str(),
+                phase: s.phase.as_str(),
+                attempt: s.attempt,
+                response: &s.response,
+                signal: &s.signal,
+                error: &s.error,
+                wait_deadline_ms: s.wait_deadline_ms,
+                invocation: &s.invocation,
+                comp_attempt: s.comp_attempt,
+                comp_phase: s.comp_phase.map(|p| p.as_str()),
+                child: &s.child,
+                finished: s.finished,
+            });
         }
-        for ev in &fx.events {
-            let mut data = ev.data.clone();
-            encrypt(&mut data);
-            self.events
-                .push(json!({"run_id": ev.run_id, "type": ev.kind, "step": ev.step, "data": data}));
+        for ev in fx.events.iter_mut() {
+            encrypt(&mut ev.data);
+            self.events.push(&EventRow {
+                run_id: &ev.run_id,
+                kind: ev.kind,
+                step: &ev.step,
+                data: &ev.data,
+            });
         }
         match fx.task {
-            TaskChange::DueAt(ms) => self
-                .task_set
-                .push(json!({"run_id": run.id, "due_ms": ms, "lease_owner": null})),
-            TaskChange::Lease(ms) => self
-                .task_set
-                .push(json!({"run_id": run.id, "lease_ms": ms, "lease_owner": me})),
+            TaskChange::DueAt(ms) => self.task_set.push(&TaskRow {
+                run_id: &run.id,
+                due_ms: Some(ms),
+                lease_ms: None,
+                lease_owner: None,
+            }),
+            TaskChange::Lease(ms) => self.task_set.push(&TaskRow {
+                run_id: &run.id,
+                due_ms: None,
+                lease_ms: Some(ms),
+                lease_owner: Some(me),
+            }),
             TaskChange::Delete => self.task_delete.push(run.id.clone()),
         }
         for inv in &fx.invocations {
-            self.invocations.push(json!({
-                "tenant": run.tenant, "invocation_id": inv.invocation_id, "run_id": run.id,
-                "node_id": inv.node_id, "attempt": inv.attempt, "provider_key": inv.provider_key,
-                "outcome": inv.outcome,
-            }));
+            self.invocations.push(&InvocationRow {
+                tenant: &run.tenant,
+                invocation_id: &inv.invocation_id,
+                run_id: &run.id,
+                node_id: &inv.node_id,
+                attempt: inv.attempt,
+                provider_key: &inv.provider_key,
+                outcome: &inv.outcome,
+            });
         }
         for (id, idx) in &fx.signals_taken {
-            self.signals_taken.push(json!({"id": id, "idx": idx}));
+            self.signals_taken.push(&json!({"id": id, "idx": idx}));
         }
         for sp in &fx.spawns {
-            self.spawns.push(json!({
+            self.spawns.push(&json!({
                 "id": sp.id, "tenant": run.tenant, "workflow": sp.workflow, "input": sp.input,
                 "parent": run.id, "attach": sp.attach,
             }));
@@ -531,7 +670,7 @@ impl Batch {
         if fx.finished {
             self.finished = true;
             if let Some(p) = &run.parent {
-                self.parents.push(json!({"parent": p, "child": run.id}));
+                self.parents.push(&json!({"parent": p, "child": run.id}));
                 self.due_now = true;
             }
         }
@@ -544,7 +683,7 @@ impl Batch {
     /// numbers, which is what a crash with requests in flight does anyway. Any batch that
     /// records an answer or decides anything commits synchronously, before anything is sent
     /// or shown.
-    pub fn flush(self, invocation_retention_ms: i64) -> Res<Batch> {
+    pub fn flush(mut self, invocation_retention_ms: i64) -> Res<Batch> {
         if !self.decided {
             exec("SET LOCAL synchronous_commit TO off", &[])?;
         }
@@ -555,20 +694,19 @@ impl Batch {
                         waiting_for = x.waiting_for, output = x.output, error = x.error,
                         updated_at = clock_timestamp(),
                         finished_at = CASE WHEN x.finished THEN clock_timestamp() ELSE r.finished_at END
-                   FROM jsonb_to_recordset($1) AS x(id text, status text, step_index int, compensating bool,
+                   FROM json_to_recordset($1::json) AS x(id text, status text, step_index int, compensating bool,
                         waiting_for text, output jsonb, error jsonb, finished bool)
                   WHERE r.id = x.id",
-                &[JsonB(Value::Array(self.runs.clone())).into()],
+                &[self.runs.take().into()],
             )?;
-            if self.finished {
-                // LISTEN dispatched: one notification per finished run, sent at commit
-                exec(
-                    "SELECT pg_notify('dispatched', jsonb_build_object('run_id', x.id, 'status', x.status)::text)
-                       FROM jsonb_to_recordset($1) AS x(id text, status text, finished bool)
-                      WHERE x.finished",
-                    &[JsonB(Value::Array(self.runs.clone())).into()],
-                )?;
-            }
+        }
+        if !self.notify.is_empty() {
+            // LISTEN dispatched: one notification per finished run, sent at commit
+            exec(
+                "SELECT pg_notify('dispatched', jsonb_build_object('run_id', x.id, 'status', x.status)::text)
+                   FROM json_to_recordset($1::json) AS x(id text, status text)",
+                &[self.notify.take().into()],
+            )?;
         }
         if !self.steps_new.is_empty() {
             exec(
@@ -581,11 +719,11 @@ impl Batch {
                         to_timestamp(x.wait_deadline_ms / 1000.0), x.invocation, x.comp_attempt,
                         x.comp_phase, x.child, clock_timestamp(),
                         CASE WHEN x.finished THEN clock_timestamp() END, clock_timestamp()
-                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, step_id text, status text,
+                   FROM json_to_recordset($1::json) AS x(run_id text, idx int, step_id text, status text,
                         phase text, attempt int, response jsonb, signal jsonb, error jsonb,
                         wait_deadline_ms bigint, invocation text, comp_attempt int, comp_phase text,
                         child text, finished bool)",
-                &[JsonB(Value::Array(self.steps_new.clone())).into()],
+                &[self.steps_new.take().into()],
             )?;
         }
         if !self.steps.is_empty() {
@@ -598,17 +736,17 @@ impl Batch {
                         comp_phase = x.comp_phase, child = x.child,
                         finished_at = CASE WHEN x.finished THEN coalesce(s.finished_at, clock_timestamp()) END,
                         updated_at = clock_timestamp()
-                   FROM jsonb_to_recordset($1) AS x(run_id text, idx int, status text, phase text,
+                   FROM json_to_recordset($1::json) AS x(run_id text, idx int, status text, phase text,
                         attempt int, response jsonb, signal jsonb, error jsonb, wait_deadline_ms bigint,
                         invocation text, comp_attempt int, comp_phase text, child text, finished bool)
                   WHERE s.run_id = x.run_id AND s.idx = x.idx",
-                &[JsonB(Value::Array(self.steps.clone())).into()],
+                &[self.steps.take().into()],
             )?;
         }
         if !self.spawns.is_empty() {
             exec(
                 "WITH x AS (
-                     SELECT * FROM jsonb_to_recordset($1) AS x(id text, tenant text, workflow text,
+                     SELECT * FROM json_to_recordset($1::json) AS x(id text, tenant text, workflow text,
                             input jsonb, parent text, attach bool)),
                  ins AS (
                      INSERT INTO dispatched.runs (id, tenant, workflow, version, input, parent)
@@ -625,17 +763,17 @@ impl Batch {
                         jsonb_build_object('workflow', x.workflow, 'input', x.input, 'parent', x.parent,
                                            'mode', CASE WHEN x.attach THEN 'attach' ELSE 'detach' END)
                    FROM x",
-                &[JsonB(Value::Array(self.spawns.clone())).into()],
+                &[self.spawns.take().into()],
             )?;
         }
         if !self.events.is_empty() {
             exec(
                 "INSERT INTO dispatched.events (run_id, type, step, data)
                  SELECT x.run_id, x.type, x.step, x.data
-                   FROM ROWS FROM (jsonb_to_recordset($1) AS (run_id text, type text, step text, data jsonb))
+                   FROM ROWS FROM (json_to_recordset($1::json) AS (run_id text, type text, step text, data jsonb))
                         WITH ORDINALITY AS x(run_id, type, step, data, n)
                   ORDER BY x.n",
-                &[JsonB(Value::Array(self.events.clone())).into()],
+                &[self.events.take().into()],
             )?;
         }
         if !self.task_set.is_empty() {
@@ -645,16 +783,16 @@ impl Batch {
                     SET due_at = coalesce(to_timestamp(x.due_ms / 1000.0), t.due_at),
                         lease_owner = x.lease_owner,
                         lease_until = to_timestamp(x.lease_ms / 1000.0)
-                   FROM jsonb_to_recordset($1) AS x(run_id text, due_ms bigint, lease_ms bigint,
+                   FROM json_to_recordset($1::json) AS x(run_id text, due_ms bigint, lease_ms bigint,
                         lease_owner int)
                   WHERE t.run_id = x.run_id",
-                &[JsonB(Value::Array(self.task_set.clone())).into()],
+                &[self.task_set.take().into()],
             )?;
         }
         if !self.task_delete.is_empty() {
             exec(
                 "DELETE FROM dispatched.tasks t WHERE t.run_id = ANY($1)",
-                &[self.task_delete.clone().into()],
+                &[std::mem::take(&mut self.task_delete).into()],
             )?;
         }
         if !self.invocations.is_empty() {
@@ -663,32 +801,29 @@ impl Batch {
                         (tenant, invocation_id, run_id, node_id, attempt, provider_key, outcome, expires_at)
                  SELECT x.tenant, x.invocation_id, x.run_id, x.node_id, x.attempt, x.provider_key, x.outcome,
                         clock_timestamp() + $2 * interval '1 millisecond'
-                   FROM jsonb_to_recordset($1) AS x(tenant text, invocation_id text, run_id text,
+                   FROM json_to_recordset($1::json) AS x(tenant text, invocation_id text, run_id text,
                         node_id text, attempt int, provider_key text, outcome jsonb)
                  ON CONFLICT (tenant, invocation_id) DO NOTHING",
-                &[
-                    JsonB(Value::Array(self.invocations.clone())).into(),
-                    invocation_retention_ms.into(),
-                ],
+                &[self.invocations.take().into(), invocation_retention_ms.into()],
             )?;
         }
         if !self.signals_taken.is_empty() {
             exec(
                 "UPDATE dispatched.signals g SET taken_by_step = x.idx
-                   FROM jsonb_to_recordset($1) AS x(id bigint, idx int)
+                   FROM json_to_recordset($1::json) AS x(id bigint, idx int)
                   WHERE g.id = x.id",
-                &[JsonB(Value::Array(self.signals_taken.clone())).into()],
+                &[self.signals_taken.take().into()],
             )?;
         }
         if !self.parents.is_empty() {
             exec(
                 "INSERT INTO dispatched.tasks AS t (run_id, due_at)
                  SELECT p.id, clock_timestamp()
-                   FROM jsonb_to_recordset($1) AS x(parent text, child text)
+                   FROM json_to_recordset($1::json) AS x(parent text, child text)
                    JOIN dispatched.runs p ON p.id = x.parent AND p.waiting_for = 'child:' || x.child
                  ON CONFLICT (run_id) DO UPDATE SET due_at = least(t.due_at, EXCLUDED.due_at)
                     WHERE t.lease_owner IS NULL",
-                &[JsonB(Value::Array(self.parents.clone())).into()],
+                &[self.parents.take().into()],
             )?;
         }
         for (target, name, data, tenant, from) in &self.signals_out {
