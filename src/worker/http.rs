@@ -59,8 +59,25 @@ impl Resolver for CheckedResolver {
         config: &ureq::config::Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let addrs = DefaultResolver::default().resolve(uri, config, timeout)?;
         let host = uri.host().unwrap_or_default();
+        // An address needs no lookup (the default resolver starts a thread for each lookup
+        // that has a timeout).
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>();
+        let addrs = match literal {
+            Ok(ip) => {
+                let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                    Some("https") => 443,
+                    _ => 80,
+                });
+                let mut addrs = self.empty();
+                addrs.push(std::net::SocketAddr::new(ip, port));
+                addrs
+            }
+            Err(_) => DefaultResolver::default().resolve(uri, config, timeout)?,
+        };
         let rules = match self.limits.read() {
             Ok(l) => l.rules.clone(),
             Err(_) => HostRules::default(),
@@ -83,8 +100,9 @@ impl Pool {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .max_idle_connections(1000)
-            .max_idle_connections_per_host(256)
+            // every thread may hold a connection to the same host: keep them all for reuse
+            .max_idle_connections(threads.max(1000))
+            .max_idle_connections_per_host(threads.max(16))
             .user_agent("dispatched/0.1")
             .build();
         let agent = ureq::Agent::with_parts(
