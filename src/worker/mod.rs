@@ -84,6 +84,7 @@ fn tx<R>(f: impl FnOnce() -> Res<R>) -> Res<R> {
     .execute();
     if result.is_err() {
         unsafe { pg_sys::AbortCurrentTransaction() };
+        store::forget_plans();
     }
     result
 }
@@ -389,7 +390,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                     // never become a scan of the whole runs table, which the planner picks when
                     // it prices 256 index probes above one sequential pass.
                     if let Err(e) =
-                        tx(|| store::exec("SET jit = off; SET enable_seqscan = off", &[]))
+                        tx(|| store::exec_once("SET jit = off; SET enable_seqscan = off"))
                     {
                         warning!("dispatched worker {me}: {e}");
                     }

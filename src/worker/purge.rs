@@ -59,7 +59,7 @@ fn purge_batch(table: &str) -> Result<i64, String> {
              RETURNING 1)
          SELECT to_jsonb(count(*)) FROM gone"
     );
-    let rows = super::store::rows_json(&sql, &[BATCH.into()])?;
+    let rows = super::store::rows_json_once(&sql, &[BATCH.into()])?;
     Ok(rows
         .first()
         .and_then(serde_json::Value::as_i64)

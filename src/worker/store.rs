@@ -9,9 +9,12 @@ use dispatched_core::engine::{
 };
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use pgrx::JsonB;
+use pgrx::PgOid;
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,8 +24,60 @@ fn e(x: pgrx::spi::Error) -> String {
     x.to_string()
 }
 
+thread_local! {
+    /// The worker's statements, parsed and planned once (SPI_keepplan), by their text.
+    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Forgets every kept plan (after an error: whatever it was, the next try starts clean).
+pub fn forget_plans() {
+    PLANS.with(|p| p.borrow_mut().clear());
+}
+
+/// Runs one of the worker's statements with a plan kept across transactions: parsing and
+/// planning them anew each time cost about as much as running them.
+fn run<'c>(
+    c: &mut SpiClient<'c>,
+    sql: &'static str,
+    args: &[DatumWithOid],
+) -> Res<SpiTupleTable<'c>> {
+    PLANS.with(|p| {
+        let mut plans = p.borrow_mut();
+        if !plans.contains_key(sql) {
+            let oids: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            let plan = c.prepare_mut(sql, &oids).map_err(e)?.keep();
+            plans.insert(sql, plan);
+        }
+        let plan = plans.get(sql).ok_or("no plan")?;
+        c.update(plan, None, args).map_err(e)
+    })
+}
+
 /// Runs a statement and returns its first column as JSON, one value per row.
-pub fn rows_json(sql: &str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
+pub fn rows_json(sql: &'static str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
+    Spi::connect_mut(|c| {
+        let t = run(c, sql, args)?;
+        let mut out = Vec::new();
+        for row in t {
+            if let Some(DeepJsonB(v)) = row.get::<DeepJsonB>(1).map_err(e)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    })
+}
+
+pub fn exec(sql: &'static str, args: &[DatumWithOid]) -> Res<()> {
+    Spi::connect_mut(|c| run(c, sql, args).map(|_| ()))
+}
+
+/// Runs a statement once, without keeping its plan.
+pub fn exec_once(sql: &str) -> Res<()> {
+    Spi::connect_mut(|c| c.update(sql, None, &[]).map(|_| ()).map_err(e))
+}
+
+/// Like [`rows_json`], for a statement whose text is built at run time (not kept).
+pub fn rows_json_once(sql: &str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
     Spi::connect_mut(|c| {
         let t = c.update(sql, None, args).map_err(e)?;
         let mut out = Vec::new();
@@ -35,19 +90,13 @@ pub fn rows_json(sql: &str, args: &[DatumWithOid]) -> Res<Vec<Value>> {
     })
 }
 
-pub fn exec(sql: &str, args: &[DatumWithOid]) -> Res<()> {
-    Spi::connect_mut(|c| c.update(sql, None, args).map(|_| ()).map_err(e))
-}
-
 pub fn extension_ready() -> Res<bool> {
     Spi::connect_mut(|c| {
-        let t = c
-            .update(
-                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatched')",
-                None,
-                &[],
-            )
-            .map_err(e)?;
+        let t = run(
+            c,
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'dispatched')",
+            &[],
+        )?;
         Ok(t.first().get_one::<bool>().map_err(e)?.unwrap_or(false))
     })
 }
@@ -56,9 +105,7 @@ pub fn extension_ready() -> Res<bool> {
 /// Returns (run id, claims) pairs.
 pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
     Spi::connect_mut(|c| {
-        let t = c
-            .update(
-                "WITH due AS (
+        let t = run(c, "WITH due AS (
                      SELECT t.run_id FROM dispatched.tasks t
                       WHERE t.due_at <= clock_timestamp()
                         AND (t.lease_until IS NULL OR t.lease_until <= clock_timestamp())
@@ -70,11 +117,8 @@ pub fn claim(me: i32, limit: i64, lease_ms: i64) -> Res<Vec<(String, i32)>> {
                         claims = t.claims + 1
                    FROM due
                   WHERE t.run_id = due.run_id
-                 RETURNING t.run_id, t.claims",
-                None,
-                &[limit.into(), me.into(), lease_ms.into()],
-            )
-            .map_err(e)?;
+                 RETURNING t.run_id, t.claims", &[limit.into(), me.into(), lease_ms.into()],
+            )?;
         let mut out = Vec::with_capacity(t.len());
         for row in t {
             if let (Some(id), Some(claims)) = (
@@ -104,16 +148,14 @@ pub fn release_leases(me: i32) -> Res<i64> {
 /// no task).
 pub fn lock_tasks(ids: &[String]) -> Res<HashMap<String, (i32, Option<i32>)>> {
     Spi::connect_mut(|c| {
-        let t = c
-            .update(
-                "SELECT t.run_id, t.claims, t.lease_owner
+        let t = run(
+            c,
+            "SELECT t.run_id, t.claims, t.lease_owner
                    FROM dispatched.tasks t WHERE t.run_id = ANY($1)
                   ORDER BY t.run_id
                     FOR UPDATE",
-                None,
-                &[ids.to_vec().into()],
-            )
-            .map_err(e)?;
+            &[ids.to_vec().into()],
+        )?;
         let mut out = HashMap::with_capacity(t.len());
         for row in t {
             if let (Some(id), Some(claims)) = (
@@ -146,15 +188,13 @@ pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
     Spi::connect_mut(|c| {
         let mut runs: Vec<Loaded> = Vec::with_capacity(ids.len());
         let mut at: HashMap<String, usize> = HashMap::with_capacity(ids.len());
-        let t = c
-            .update(
-                "SELECT r.id, r.tenant, r.status, r.step_index, r.compensating, r.waiting_for,
+        let t = run(
+            c,
+            "SELECT r.id, r.tenant, r.status, r.step_index, r.compensating, r.waiting_for,
                         r.input, r.output, r.error, r.parent, r.workflow, r.version
                    FROM dispatched.runs r WHERE r.id = ANY($1)",
-                None,
-                &[ids.to_vec().into()],
-            )
-            .map_err(e)?;
+            &[ids.to_vec().into()],
+        )?;
         for row in t {
             let id: String = row.get(1).map_err(e)?.unwrap_or_default();
             let status: String = row.get(3).map_err(e)?.unwrap_or_default();
@@ -194,16 +234,14 @@ pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
         if runs.is_empty() {
             return Ok(runs);
         }
-        let t = c
-            .update(
-                "SELECT s.run_id, s.idx, s.status, s.phase, s.attempt, s.response, s.signal, s.error,
+        let t = run(
+            c,
+            "SELECT s.run_id, s.idx, s.status, s.phase, s.attempt, s.response, s.signal, s.error,
                         (extract(epoch FROM s.wait_deadline) * 1000)::bigint, s.invocation,
                         s.comp_attempt, s.comp_phase, s.child
                    FROM dispatched.steps s WHERE s.run_id = ANY($1)",
-                None,
-                &[ids.to_vec().into()],
-            )
-            .map_err(e)?;
+            &[ids.to_vec().into()],
+        )?;
         let mut unreadable: Vec<String> = Vec::new();
         for row in t {
             let run_id: String = row.get(1).map_err(e)?.unwrap_or_default();
@@ -248,14 +286,12 @@ pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
             }
             steps[idx] = Some(rec);
         }
-        let t = c
-            .update(
-                "SELECT g.run_id, g.id, g.name, g.data FROM dispatched.signals g
+        let t = run(
+            c,
+            "SELECT g.run_id, g.id, g.name, g.data FROM dispatched.signals g
                   WHERE g.run_id = ANY($1) AND g.taken_by_step IS NULL ORDER BY g.id",
-                None,
-                &[ids.to_vec().into()],
-            )
-            .map_err(e)?;
+            &[ids.to_vec().into()],
+        )?;
         for row in t {
             let run_id: String = row.get(1).map_err(e)?.unwrap_or_default();
             let Some(&k) = at.get(&run_id) else { continue };
@@ -276,13 +312,8 @@ pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
             })
             .collect();
         if !children.is_empty() {
-            let t = c
-                .update(
-                    "SELECT c.id, c.status, c.output, c.error FROM dispatched.runs c WHERE c.id = ANY($1)",
-                    None,
-                    &[children.into()],
-                )
-                .map_err(e)?;
+            let t = run(c, "SELECT c.id, c.status, c.output, c.error FROM dispatched.runs c WHERE c.id = ANY($1)", &[children.into()],
+                )?;
             let mut found: HashMap<String, ChildState> = HashMap::new();
             for row in t {
                 let id: String = row.get(1).map_err(e)?.unwrap_or_default();
@@ -327,16 +358,14 @@ pub fn load_runs(ids: &[String], with_logged: bool) -> Res<Vec<Loaded>> {
                 }
             }
             if !invs.is_empty() {
-                let t = c
-                    .update(
-                        "SELECT i.tenant, i.invocation_id, i.outcome
+                let t = run(
+                    c,
+                    "SELECT i.tenant, i.invocation_id, i.outcome
                            FROM unnest($1::text[], $2::text[]) AS x(tenant, invocation_id)
                            JOIN dispatched.invocations i
                              ON i.tenant = x.tenant AND i.invocation_id = x.invocation_id",
-                        None,
-                        &[tenants.into(), invs.into()],
-                    )
-                    .map_err(e)?;
+                    &[tenants.into(), invs.into()],
+                )?;
                 let mut found: HashMap<(String, String), Value> = HashMap::new();
                 for row in t {
                     let tenant: String = row.get(1).map_err(e)?.unwrap_or_default();
