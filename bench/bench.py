@@ -310,31 +310,55 @@ def scale(conn, cluster, nginx, n: int) -> dict:
         t = marks.get(i, end)
         per_tenth.append(round(3 * tenth / max(t - prev, 1e-6)))
         prev = t
+    sizes_before = table_sizes(conn)
+    t_purge = time.perf_counter()
+    purged = conn.execute("SELECT dispatched.purge('0 seconds')").fetchone()[0]
+    purge_s = time.perf_counter() - t_purge
+    conn.execute("VACUUM dispatched.runs, dispatched.steps, dispatched.events, dispatched.tasks")
+    sizes_after = table_sizes(conn)
     return {"scenario": f"scale_{n}", "runs": n, "enqueue_s": round(enqueue_s, 2),
+            "purged_runs": purged, "purge_s": round(purge_s, 2),
+            "sizes_mb_before_purge": sizes_before, "sizes_mb_after_purge_and_vacuum": sizes_after,
             "drain_s": round(end - a["t"], 2), "steps_per_s_by_tenth": per_tenth,
             "last_vs_first": round(per_tenth[-1] / per_tenth[0], 3) if per_tenth[0] else None,
             "worker_peak_anon_kb": counters.peak_anon_kb, "worker_anon_kb_at_end": worker_anon_kb(cluster)}
 
 
+def table_sizes(conn) -> dict:
+    """Rows and megabytes (table with its indexes and TOAST) of the tables runs fill."""
+    out = {}
+    for name in ("runs", "steps", "events", "tasks", "invocations"):
+        rows, size = conn.execute(
+            f"SELECT (SELECT count(*) FROM dispatched.{name}), pg_total_relation_size('dispatched.{name}')").fetchone()
+        out[name] = {"rows": rows, "mb": round(size / 1048576, 1)}
+    return out
+
+
 def slow_services(conn, cluster, nginx, slow: SlowTarget, n: int) -> dict:
-    """10% of the steps hit a target that answers after 1 s: throughput of the other 90%."""
-    reset(conn)
-    counters = Counters(conn, cluster)
+    """10% of the steps hit a target that answers after 1 s: throughput of the other 90%,
+    against the same fast runs alone (their unimpeded rate)."""
     fast_runs = n - n // 10
-    a = counters.snap()
-    conn.execute("SELECT dispatched.start_run(CASE WHEN g %% 10 = 0 THEN 'slow3' ELSE 'three' END) "
-                 "FROM generate_series(1, %s) g", (n,))
-    fast_done_at = None
-    while True:
-        left_fast = conn.execute("SELECT count(*) FROM dispatched.runs WHERE workflow = 'three' AND status <> 'completed'").fetchone()[0]
-        counters.polls += 1
-        if left_fast == 0:
-            fast_done_at = time.perf_counter()
-            break
-        time.sleep(0.05)
-    end = wait_drained(conn, counters, n)
-    return {"scenario": f"slow_services_{n}", "runs": n, "fast_steps_per_s": round(3 * fast_runs / (fast_done_at - a["t"])),
-            "all_drained_s": round(end - a["t"], 2), "slow_requests": slow.count}
+
+    def fast_rate(with_slow: bool) -> float:
+        reset(conn)
+        t0 = time.perf_counter()
+        if with_slow:
+            conn.execute("SELECT dispatched.start_run(CASE WHEN g %% 10 = 0 THEN 'slow3' ELSE 'three' END) "
+                         "FROM generate_series(1, %s) g", (n,))
+        else:
+            conn.execute("SELECT dispatched.start_run('three') FROM generate_series(1, %s) g", (fast_runs,))
+        while conn.execute("SELECT count(*) FROM dispatched.runs WHERE workflow = 'three' AND status <> 'completed'").fetchone()[0]:
+            time.sleep(0.05)
+        rate = 3 * fast_runs / (time.perf_counter() - t0)
+        wait_drained(conn, Counters(conn, cluster), n)
+        return rate
+
+    alone = fast_rate(False)
+    before = slow.count
+    mixed = fast_rate(True)
+    return {"scenario": f"slow_services_{n}", "runs": n, "fast_steps_per_s_alone": round(alone),
+            "fast_steps_per_s_with_slow": round(mixed), "kept": round(mixed / alone, 3),
+            "slow_requests": slow.count - before}
 
 
 def load(conn, cluster, nginx, clients: int, seconds: int, keys: int) -> dict:

@@ -10,6 +10,7 @@ pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static MAX_CONCURRENT_REQUESTS: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static MAX_REQUESTS_PER_HOST: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static DEFAULT_TIMEOUT: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30s"));
 pub static IDEMPOTENCY_RETENTION: GucSetting<Option<CString>> =
@@ -102,6 +103,16 @@ pub fn define() {
         c"",
         &MAX_CONCURRENT_REQUESTS,
         1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"dispatched.max_requests_per_host",
+        c"How many of a worker's requests may be on the wire to one host:port at once (0: a quarter of max_concurrent_requests).",
+        c"The rest wait in order without taking a connection, so that a slow service cannot hold up the others.",
+        &MAX_REQUESTS_PER_HOST,
+        0,
         10_000,
         GucContext::Sighup,
         GucFlags::default(),
@@ -225,4 +236,12 @@ pub fn duration_ms(name: &str) -> Option<u64> {
         _ => return None,
     };
     duration::parse_ms(&text(setting)).ok()
+}
+
+/// Requests on the wire per host:port for one worker.
+pub fn per_host_cap() -> usize {
+    match MAX_REQUESTS_PER_HOST.get() {
+        n if n > 0 => n as usize,
+        _ => (MAX_CONCURRENT_REQUESTS.get().max(4) / 4) as usize,
+    }
 }

@@ -723,3 +723,85 @@ def test_secrets_are_not_in_pg_stat_activity_while_a_request_is_on_the_wire(conn
         assert seen == 0
     assert attach(conn, run_id) == {"ok": True}
     assert http_service.requests("/hold")[0].headers["X-Key"] == secret
+
+
+@pytest.fixture
+def hosts_file_names():
+    """Names that resolve, through /etc/hosts, to the addresses chosen here (removed again at
+    the end). glibc reads /etc/hosts at every lookup, so the worker sees them at once."""
+    from pathlib import Path
+
+    path = Path("/etc/hosts")
+    names = {
+        "metadata.dispatched.test": "169.254.169.254",
+        "linklocal6.dispatched.test": "fe80::1",
+        "loopback.dispatched.test": "127.0.0.1",
+    }
+    before = path.read_text()
+    try:
+        path.write_text(before.rstrip("\n") + "\n" + "".join(f"{ip} {name}\n" for name, ip in names.items()))
+    except OSError as e:
+        pytest.fail(f"these tests add names to /etc/hosts and cannot: {e}")
+    try:
+        yield names
+    finally:
+        path.write_text(before)
+
+
+def test_a_name_whose_dns_answer_is_a_metadata_or_link_local_address_is_refused(
+        connect, define_workflow, http_service, hosts_file_names):
+    # every host is allowed on this cluster (allowed_hosts is empty), but not these addresses,
+    # whatever name leads to them
+    http_service.script("/ok", Reply(200, {"ok": True}))
+    conn = connect()
+    control = define_workflow({"steps": [{"id": "s", "request": {"url": f"http://loopback.dispatched.test:{http_service.port}/ok"}}]})
+    # the names do resolve: the control reaches the service through one of them
+    assert attach(conn, start(conn, control)) == {"ok": True}
+    for name, ip in [("metadata.dispatched.test", "169.254.169.254"), ("linklocal6.dispatched.test", "fe80::1")]:
+        wf = define_workflow({"steps": [{"id": "s", "request": {"url": f"http://{name}:{http_service.port}/ok"}}]})
+        doc = finish(conn, start(conn, wf))
+        assert doc["status"] == "failed", doc
+        assert doc["error"]["message"] == (
+            f'host "{name}" resolves to {ip}, a link-local or cloud metadata address; '
+            "list it in dispatched.allowed_hosts to allow it"), doc["error"]
+    assert len(http_service.requests("/ok")) == 1
+
+
+@pytest.fixture(scope="module")
+def small_pool(dbname):
+    from harness import Cluster
+
+    c = Cluster(extra_conf=[
+        f"dispatched.database = '{dbname}'",
+        "dispatched.max_concurrent_requests = 8",
+        "dispatched.max_requests_per_host = 2",
+    ]).start()
+    try:
+        c.create_database(dbname, extension=True)
+        yield c
+    finally:
+        c.stop()
+
+
+def test_one_host_gets_at_most_its_share_of_connections_and_the_rest_wait_in_order(small_pool, dbname, http_service):
+    with small_pool.connect(dbname) as conn:
+        http_service.script("/slow", Reply(200, {"slow": True}, delay=2.0))
+        http_service.script("/fast", Reply(200, {"fast": True}))
+        # two origins of one service: 127.0.0.1:<port> is slow, localhost:<port> is fast
+        conn.execute("SELECT dispatched.define_workflow('slow1', %s)", (Jsonb({"steps": [
+            {"id": "s", "request": {"url": http_service.url("/slow")}}]}),))
+        conn.execute("SELECT dispatched.define_workflow('fast2', %s)", (Jsonb({"steps": [
+            {"id": "a", "request": {"url": f"http://localhost:{http_service.port}/fast"}},
+            {"id": "b", "request": {"url": f"http://localhost:{http_service.port}/fast"}}]}),))
+        slow_runs = [start(conn, "slow1") for _ in range(6)]
+        http_service.wait_for("/slow", 2)
+        t0 = time.monotonic()
+        assert attach(conn, start(conn, "fast2"), "10s") == {"fast": True}
+        assert time.monotonic() - t0 < 1.5  # while the first slow requests are on the wire
+        # the slow host has its 2 requests on the wire; the other 4 wait in the worker
+        assert len(http_service.requests("/slow")) == 2
+        assert [run_doc(conn, r)["status"] for r in slow_runs].count("completed") == 0
+        for r in slow_runs:
+            assert attach(conn, r, "20s") == {"slow": True}
+        keys = [req.headers.get("Idempotency-Key") for req in http_service.requests("/slow")]
+        assert sorted(keys) == sorted(f"{r}/s" for r in slow_runs)  # each sent once

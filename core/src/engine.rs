@@ -306,6 +306,8 @@ pub struct OutRequest {
     pub method: String,
     pub url: String,
     pub host: String,
+    /// the port the URL names, or its scheme's
+    pub port: u16,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
     pub timeout_ms: u64,
@@ -1351,6 +1353,7 @@ pub fn build_request(
         method: req.method.clone(),
         url,
         host: parts.host,
+        port: parts.port,
         headers,
         body,
         timeout_ms: step.timeout_ms.unwrap_or(env.default_timeout_ms),

@@ -4,6 +4,7 @@
 //! * [`depth`]: how deeply JSON text nests, counted without recursion
 //! * [`duration`]: `500ms`, `30s`, `10m`, `2h`, `1d`, `14 days`
 //! * [`expr`]: the `{{ ... }}` expression language
+//! * [`fair`]: a share of the HTTP connections per service, so a slow one cannot take them all
 //! * [`hash`]: invocation ids and cache keys
 //! * [`keys`]: idempotency keys, names, run ids
 //! * [`rules`]: what an HTTP status means (for steps and for the Layer 1 cache)
@@ -14,6 +15,7 @@ pub mod directives;
 pub mod duration;
 pub mod engine;
 pub mod expr;
+pub mod fair;
 pub mod hash;
 pub mod hosts;
 pub mod keys;

@@ -15,6 +15,7 @@ pub mod store;
 use crate::{api, bgw, crypto, settings, shmem};
 use dispatched_core::definition::Definition;
 use dispatched_core::engine::{self, Env, OutRequest, Outcome};
+use dispatched_core::fair::Fair;
 use dispatched_core::hosts::HostRules;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -30,6 +31,16 @@ const CLAIM_BATCH: usize = 256;
 const CLAIM_LEASE_MS: i64 = 60_000;
 /// The longest sleep when nothing is due (the latch wakes the worker for new work).
 const MAX_SLEEP_MS: i64 = 3_600_000;
+/// How many requests may wait for their host, per HTTP thread.
+const WAITING_PER_THREAD: usize = 4;
+/// A request waiting for its host has its lease renewed this often (well within
+/// engine::LEASE_MARGIN_MS).
+const LEASE_RENEW_MS: i64 = 5_000;
+
+/// The host:port a request goes to: the unit of [`Fair`] sharing.
+fn origin(req: &OutRequest) -> String {
+    format!("{}:{}", req.host, req.port)
+}
 
 pub fn register() {
     let n = settings::WORKERS.get();
@@ -359,7 +370,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         defs: Definitions::default(),
         rng: Rng((now_ms() as u64) ^ ((std::process::id() as u64) << 32) | 1),
     };
+    // requests handed to the HTTP threads; those that wait for their host are in `fair`
     let mut inflight: usize = 0;
+    let mut fair: Fair<http::Job> = Fair::new(settings::per_host_cap());
     let mut pending: Vec<http::Done> = Vec::new();
     let mut said_waiting = false;
     // the extension exists in the database (checked again after any error)
@@ -373,10 +386,17 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             if let Ok(mut l) = pool.limits.write() {
                 *l = limits();
             }
+            fair.set_cap(settings::per_host_cap());
         }
         bgw::drain(pipe_r);
         while let Ok(d) = pool.done.try_recv() {
             inflight = inflight.saturating_sub(1);
+            // the next request waiting for this host takes its place on the wire
+            if let Some(next) = fair.done(&origin(&d.req)) {
+                if pool.submit(next) {
+                    inflight += 1;
+                }
+            }
             pending.push(d);
         }
 
@@ -442,9 +462,14 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
         }
 
         let max = settings::MAX_CONCURRENT_REQUESTS.get().max(1) as usize;
-        let room = max
-            .min(pool.threads)
-            .saturating_sub(inflight + to_send.len());
+        // requests waiting for a busy host take no thread, so they do not stop the worker
+        // from claiming other hosts' steps; but they are bounded
+        let room = if fair.queued() >= max * WAITING_PER_THREAD {
+            0
+        } else {
+            max.min(pool.threads)
+                .saturating_sub(inflight + to_send.len())
+        };
         if room > 0 && failures == 0 {
             let limit = room.min(CLAIM_BATCH);
             match tx(|| w.claim_and_run(limit)) {
@@ -464,10 +489,33 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             }
         }
 
+        let now = now_ms();
         for (req, claims) in to_send {
-            if pool.submit(http::Job { req, claims }) {
-                inflight += 1;
+            let host = origin(&req);
+            if let Some(job) = fair.offer(&host, http::Job { req, claims }, now) {
+                if pool.submit(job) {
+                    inflight += 1;
+                }
             }
+        }
+        // a request that waits for its host keeps its task leased
+        let waited = fair.waited_since(now - LEASE_RENEW_MS, now);
+        if !waited.is_empty() {
+            let leases: Vec<(String, i32, i64)> = waited
+                .iter()
+                .map(|j| {
+                    let lease = now + j.req.timeout_ms as i64 + engine::LEASE_MARGIN_MS;
+                    (j.req.run_id.clone(), j.claims, lease)
+                })
+                .collect();
+            if let Err(e) = tx(|| store::renew_leases(me, &leases)) {
+                warning!(
+                    "dispatched worker {me}: renewing the leases of waiting requests failed: {e}"
+                );
+            }
+        }
+        if fair.queued() > 0 {
+            sleep_ms = sleep_ms.min(LEASE_RENEW_MS);
         }
         if wrote {
             // let autovacuum see the worker's churn

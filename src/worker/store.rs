@@ -144,6 +144,20 @@ pub fn release_leases(me: i32) -> Res<i64> {
     Ok(rows.first().and_then(Value::as_i64).unwrap_or(0))
 }
 
+/// Extends the leases of (run id, claims, lease until in epoch ms) still held by worker `me`.
+pub fn renew_leases(me: i32, leases: &[(String, i32, i64)]) -> Res<()> {
+    let mut rows = Rows::default();
+    for (run_id, claims, lease_ms) in leases {
+        rows.push(&json!({"run_id": run_id, "claims": claims, "lease_ms": lease_ms}));
+    }
+    exec(
+        "UPDATE dispatched.tasks t SET lease_until = to_timestamp(x.lease_ms / 1000.0)
+           FROM json_to_recordset($1::json) AS x(run_id text, claims int, lease_ms bigint)
+          WHERE t.run_id = x.run_id AND t.claims = x.claims AND t.lease_owner = $2",
+        &[rows.take().into(), me.into()],
+    )
+}
+
 /// Locks the tasks of these runs and returns their claims counter and lease owner (absent:
 /// no task).
 pub fn lock_tasks(ids: &[String]) -> Res<HashMap<String, (i32, Option<i32>)>> {
