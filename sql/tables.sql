@@ -35,8 +35,8 @@ CREATE TABLE dispatched.workflows (
 -- The unique (tenant, idempotency_key) index makes start_run idempotent: the run's identity
 -- is its key (DBOS), and this table is the Layer 1 cache of start_run.
 CREATE TABLE dispatched.runs (
-    id               text        PRIMARY KEY,
-    tenant           text        NOT NULL,
+    id               text COLLATE pg_catalog."C" PRIMARY KEY,
+    tenant           text COLLATE pg_catalog."C" NOT NULL,
     workflow         text        NOT NULL,
     version          integer     NOT NULL,
     input            jsonb       NOT NULL,
@@ -50,8 +50,8 @@ CREATE TABLE dispatched.runs (
     waiting_for      text,
     output           jsonb,
     error            jsonb,
-    parent           text,
-    idempotency_key  text,
+    parent           text COLLATE pg_catalog."C",
+    idempotency_key  text COLLATE pg_catalog."C",
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     finished_at      timestamptz,
@@ -66,12 +66,15 @@ CREATE INDEX runs_tenant_created ON dispatched.runs (tenant, created_at);
 -- The state of each step a run has reached. Steps not reached yet have no row and show as
 -- `pending` in dispatched.run().
 --
+-- Identifiers (run ids, tenants, keys, invocation ids) compare byte by byte (COLLATE "C"):
+-- they are ASCII, and every index lookup on them skips the locale's string comparison.
+--
 -- steps, tasks and signals name their run without a foreign key: the worker writes these rows
 -- by the thousand per second, and a foreign key check per row costs a lookup and a row lock on
 -- the run (WAL too). Only the extension's functions write them, always for an existing run,
 -- and dispatched.purge() deletes them with their run.
 CREATE TABLE dispatched.steps (
-    run_id       text        NOT NULL,
+    run_id       text COLLATE pg_catalog."C" NOT NULL,
     idx          integer     NOT NULL,
     step_id      text        NOT NULL,
     status       text        NOT NULL
@@ -100,7 +103,7 @@ CREATE TABLE dispatched.steps (
 
 -- The queue: what is due when. See the header.
 CREATE TABLE dispatched.tasks (
-    run_id       text        PRIMARY KEY,
+    run_id       text COLLATE pg_catalog."C" PRIMARY KEY,
     -- when the task is due; a lease leaves it as it is (so lease updates are HOT)
     due_at       timestamptz NOT NULL,
     -- which worker holds the lease and until when (NULL: nobody); a leased task is claimed
@@ -116,10 +119,10 @@ CREATE INDEX tasks_due ON dispatched.tasks (due_at);
 -- Signals, kept until a step that waits for that name takes them (buffered signals).
 CREATE TABLE dispatched.signals (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    run_id           text        NOT NULL,
+    run_id           text COLLATE pg_catalog."C" NOT NULL,
     name             text        NOT NULL,
     data             jsonb,
-    idempotency_key  text,
+    idempotency_key  text COLLATE pg_catalog."C",
     -- index of the step that took the signal; NULL while buffered
     taken_by_step    integer,
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
@@ -131,7 +134,7 @@ CREATE UNIQUE INDEX signals_idempotency_key ON dispatched.signals (run_id, idemp
 
 -- The event stream of each run, append-only.
 CREATE TABLE dispatched.events (
-    run_id  text        NOT NULL,
+    run_id  text COLLATE pg_catalog."C" NOT NULL,
     seq     bigint      GENERATED ALWAYS AS IDENTITY,
     at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     type    text        NOT NULL,
@@ -152,8 +155,8 @@ CREATE TABLE dispatched.secrets (
 -- Keyed by the role that uses it and the composite key sha256(tenant:endpoint:key), so that
 -- one database role can never read another's cached answers.
 CREATE TABLE dispatched.idempotency_cache (
-    role        text        NOT NULL,
-    cache_key   text        NOT NULL,
+    role        text COLLATE pg_catalog."C" NOT NULL,
+    cache_key   text COLLATE pg_catalog."C" NOT NULL,
     tenant      text        NOT NULL,
     endpoint    text        NOT NULL,
     key         text        NOT NULL,
@@ -173,9 +176,9 @@ CREATE INDEX idempotency_cache_expires ON dispatched.idempotency_cache (expires_
 -- writes each step attempt's outcome here before the run moves on; applications write their
 -- own side effects with record_invocation. First write wins.
 CREATE TABLE dispatched.invocations (
-    tenant         text        NOT NULL,
-    invocation_id  text        NOT NULL,
-    run_id         text        NOT NULL,
+    tenant         text COLLATE pg_catalog."C" NOT NULL,
+    invocation_id  text COLLATE pg_catalog."C" NOT NULL,
+    run_id         text COLLATE pg_catalog."C" NOT NULL,
     node_id        text        NOT NULL,
     attempt        integer     NOT NULL,
     provider_key   text        NOT NULL,

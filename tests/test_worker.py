@@ -805,3 +805,18 @@ def test_one_host_gets_at_most_its_share_of_connections_and_the_rest_wait_in_ord
             assert attach(conn, r, "20s") == {"slow": True}
         keys = [req.headers.get("Idempotency-Key") for req in http_service.requests("/slow")]
         assert sorted(keys) == sorted(f"{r}/s" for r in slow_runs)  # each sent once
+
+
+def test_requests_waiting_for_their_host_longer_than_a_lease_are_still_sent_once(small_pool, dbname, http_service):
+    # two at a time to this host, each ~1.9 s: the last of 24 waits ~21 s in the worker, longer
+    # than the lease its claim took (2 s timeout + 15 s), so its lease must be renewed while it
+    # waits, or the run would be claimed again and its step sent twice
+    with small_pool.connect(dbname) as conn:
+        http_service.script("/slowish", Reply(200, {"ok": True}, delay=1.9))
+        conn.execute("SELECT dispatched.define_workflow('slowish', %s)", (Jsonb({"steps": [
+            {"id": "s", "request": {"url": http_service.url("/slowish")}, "timeout": "2s"}]}),))
+        runs = [start(conn, "slowish") for _ in range(24)]
+        for r in runs:
+            assert attach(conn, r, "60s") == {"ok": True}
+        keys = [req.headers.get("Idempotency-Key") for req in http_service.requests("/slowish")]
+        assert sorted(keys) == sorted(f"{r}/s" for r in runs)
