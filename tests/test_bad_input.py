@@ -208,6 +208,81 @@ DIRECTIVES: list[tuple[str, str]] = [
 ]
 
 
+# Bad HTTP requests to the ingress: (what, raw request). {tok} is a valid session token.
+def http(method, path, body=None, headers=None, token=True):
+    head = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
+    if token:
+        head.append("Dispatched-Session: {tok}")
+    for k, v in (headers or {}).items():
+        head.append(f"{k}: {v}")
+    data = b""
+    if body is not None:
+        data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+        head.append("Content-Type: application/json")
+        if not any(k.lower() in ("content-length", "transfer-encoding") for k in (headers or {})):
+            head.append(f"Content-Length: {len(data)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+INGRESS: list[tuple[str, bytes]] = [
+    ("no Dispatched-Session header", http("GET", "/api/runs", token=False)),
+    ("an unknown session token", http("GET", "/api/runs", token=False, headers={"Dispatched-Session": "nope"})),
+    ("body that is not JSON", http("POST", "/api/runs", "{not json")),
+    ("body that is a JSON array", http("POST", "/api/runs", [1, 2])),
+    ("no workflow", http("POST", "/api/runs", {"input": {}})),
+    ("workflow a number", http("POST", "/api/runs", {"workflow": 7})),
+    ("an unknown workflow", http("POST", "/api/runs", {"workflow": "nope"})),
+    ("input nested 101 levels", http("POST", "/api/runs", '{"workflow": "ok", "input": ' + nested_object(101) + "}")),
+    ("delay that is not a duration", http("POST", "/api/runs", {"workflow": "ok", "delay": "soon"})),
+    ("Idempotency-Key with a space", http("POST", "/api/runs", {"workflow": "ok"}, {"Idempotency-Key": "has space"})),
+    ("Idempotency-Key of 256 characters", http("POST", "/api/runs", {"workflow": "ok"}, {"Idempotency-Key": "k" * 256})),
+    ("body over dispatched.http_max_body_bytes (64 KiB here)", http("POST", "/api/runs", {"workflow": "ok", "input": {"x": "y" * 65536}})),
+    ("Transfer-Encoding: chunked", http("POST", "/api/runs", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"})),
+    ("Content-Length that is not a number", http("POST", "/api/runs", b"{}", {"Content-Length": "twelve"})),
+    ("headers over 16 KiB", http("GET", "/api/runs", headers={"X-Big": "h" * 17000})),
+    ("a request line that is not HTTP", b"HELLO THERE\r\n\r\n"),
+    ("an unknown path", http("GET", "/api/nope")),
+    ("a method the path does not take", http("DELETE", "/api/runs")),
+    ("run list limit=0", http("GET", "/api/runs?limit=0")),
+    ("an unknown run", http("GET", "/api/runs/run_doesnotexist0000000000")),
+    ("attach with timeout=forever", http("GET", "/api/runs/run_doesnotexist0000000000/attach?timeout=forever")),
+    ("a signal whose body is not JSON", http("POST", "/api/runs/run_doesnotexist0000000000/signal/go", "{x")),
+    ("cancel with a reason that is a number", http("POST", "/api/runs/run_doesnotexist0000000000/cancel", {"reason": 5})),
+]
+
+
+def run_ingress_case(ingress, token, data):
+    """Sends a raw request; returns {"status", "error", "message"} of the answer."""
+    import socket
+
+    with socket.create_connection((ingress.host, ingress.port), timeout=15) as s:
+        s.sendall(data.replace(b"{tok}", token.encode()))
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    return {"status": status, "error": doc.get("error"), "message": doc.get("message")}
+
+
+def ingress_results(ingress):
+    ingress.one("SELECT dispatched.define_workflow('ok', %s)", (Jsonb({"steps": [OK_WAIT]}),))
+    token = ingress.token()
+    return {what: run_ingress_case(ingress, token, data) for what, data in INGRESS}
+
+
 def run_case(conn, sql, params):
     try:
         with conn.transaction():
@@ -292,6 +367,20 @@ def render(expected) -> str:
     for header, value in DIRECTIVES:
         key = f"{header.lower()}: {value.strip()}"
         lines.append(f"| `{_cell(header + ': ' + value)}` | {_cell(expected['directives'].get(key, 'NOT REPORTED'))} |")
+    lines += [
+        "",
+        "## HTTP ingress requests",
+        "",
+        "Sent as raw bytes to the ingress (`dispatched.http_port`) with a valid session token",
+        "unless the case says otherwise; the answer's status and its JSON body",
+        "`{\"error\", \"message\"}`. A bad request never reaches the database half done.",
+        "",
+        "| request | status | error | message |",
+        "| --- | --- | --- | --- |",
+    ]
+    for what, _ in INGRESS:
+        r = expected["ingress"].get(what, {"status": 0, "error": None, "message": "NOT RUN"})
+        lines.append(f"| {_cell(what)} | {r['status']} | {r['error'] or '—'} | {_cell(r['message'] or '—')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -308,12 +397,21 @@ def test_every_bad_input_gets_its_documented_error(connect, http_service, expect
     assert got["directives"] == expected["directives"]
 
 
+def test_every_bad_ingress_request_gets_its_documented_answer(ingress, expected):
+    got = ingress_results(ingress)
+    mismatches = {k: (expected["ingress"].get(k), v) for k, v in got.items() if expected["ingress"].get(k) != v}
+    assert not mismatches, json.dumps(mismatches, indent=1)[:5000]
+
+
 def test_no_bad_input_gets_an_internal_error(expected):
     for what, r in expected["sql"].items():
         assert not (r["sqlstate"] or "").startswith("XX"), (what, r)
     for header, value in DIRECTIVES:
         key = f"{header.lower()}: {value.strip()}"
         assert key in expected["directives"], key
+    for what, _ in INGRESS:
+        r = expected["ingress"][what]
+        assert 400 <= r["status"] < 500 and r["error"] and r["message"], (what, r)
 
 
 def test_the_document_is_the_table_of_the_cases(expected):
@@ -324,6 +422,8 @@ if __name__ == "__main__" and "--update" in sys.argv:
     sys.path.insert(0, str(HERE))
     from harness import Cluster, HttpService
 
+    from harness.ingress import start_ingress
+
     svc = HttpService().start()
     c = Cluster(extra_conf=["dispatched.database = 'bad'"]).start()
     try:
@@ -333,6 +433,11 @@ if __name__ == "__main__" and "--update" in sys.argv:
     finally:
         c.stop()
         svc.stop()
+    ing = start_ingress("bad")
+    try:
+        got["ingress"] = ingress_results(ing)
+    finally:
+        ing.cluster.stop()
     EXPECTED.write_text(json.dumps(got, indent=1, ensure_ascii=False) + "\n")
     DOC.write_text(render(got))
     print(f"wrote {EXPECTED} and {DOC}")
