@@ -421,10 +421,13 @@ def main() -> int:
         *args.conf,
     ]).start()
     results = []
+    workers = threads = None
     try:
         cluster.create_database(DB, extension=True)
         cluster.wait_for_workers(1)
         with cluster.connect(DB) as conn:
+            workers = int(conn.execute("SHOW dispatched.workers").fetchone()[0])
+            threads = int(conn.execute("SHOW dispatched.max_concurrent_requests").fetchone()[0])
             define(conn, "three", [nginx.url(f"/step/{i}") for i in range(3)])
             define(conn, "slow3", [slow.url(f"/slow/{i}") for i in range(3)])
             if "throughput" in wanted:
@@ -446,6 +449,9 @@ def main() -> int:
     finally:
         cluster.stop()
         nginx.stop()
+    for r in results:
+        r["workers"] = workers
+        r["max_concurrent_requests"] = threads
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         for r in results:
