@@ -377,6 +377,9 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     let mut said_waiting = false;
     // the extension exists in the database (checked again after any error)
     let mut ready = false;
+    // the leases of this worker's previous life were taken back (once, at the start: after a
+    // later error the leases under its number are its own requests, still in flight)
+    let mut took_back = false;
     let mut failures: u32 = 0;
     let mut purger = purge::Purger::default();
 
@@ -414,15 +417,21 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                     {
                         warning!("dispatched worker {me}: {e}");
                     }
-                    // This worker holds nothing in flight now: tasks leased under its number
-                    // (by its previous life, before a crash or restart) are due again at once,
-                    // with the same attempt numbers.
-                    match tx(|| store::release_leases(me)) {
-                        Ok(n) if n > 0 => log!(
-                            "dispatched worker {me}: took back {n} tasks leased before a restart"
-                        ),
-                        Ok(_) => {}
-                        Err(e) => warning!("dispatched worker {me}: {e}"),
+                    // At its start this worker holds nothing in flight: tasks leased under
+                    // its number (by its previous life, before a crash or restart) are due
+                    // again at once, with the same attempt numbers. Never later: after an
+                    // error its leases belong to requests it still has on the wire, and
+                    // releasing them would send those requests a second time.
+                    if !took_back && inflight == 0 && pending.is_empty() && fair.queued() == 0 {
+                        match tx(|| store::release_leases(me)) {
+                            Ok(n) => {
+                                took_back = true;
+                                if n > 0 {
+                                    log!("dispatched worker {me}: took back {n} tasks leased before a restart");
+                                }
+                            }
+                            Err(e) => warning!("dispatched worker {me}: {e}"),
+                        }
                     }
                     ready = true;
                     said_waiting = false;
@@ -474,6 +483,8 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
             let limit = room.min(CLAIM_BATCH);
             match tx(|| w.claim_and_run(limit)) {
                 Ok(p) => {
+                    // from now on it holds leases of its own (the old ones end by themselves)
+                    took_back |= p.claimed > 0;
                     busy = p.claimed == limit;
                     wrote |= p.claimed > 0;
                     to_send.extend(p.requests);
