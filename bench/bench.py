@@ -3,7 +3,7 @@
 worker preloaded, nginx on 127.0.0.1 as the fast target, and the scenarios of issue 4. Prints a
 table and one JSON line per scenario (also appended to bench/results/<file>.jsonl).
 
-    python3 bench/bench.py [--scenarios throughput,latency,slow,load,scale] [--n 500,20000]
+    python3 bench/bench.py [--scenarios throughput,latency,slow,load,wal,scale] [--n 500,20000]
                            [--scale-runs 100000] [--latency-runs 200] [--out FILE]
 
 Run it through bench/run.sh, which installs nginx and the release build first.
@@ -181,9 +181,20 @@ class Counters:
         self.cluster = cluster
         self.polls = 0
         self.peak_anon_kb = 0
+        self.memory = []  # (perf_counter, worker private kB) at each sample
 
     def sample_memory(self) -> None:
-        self.peak_anon_kb = max(self.peak_anon_kb, worker_anon_kb(self.cluster))
+        kb = worker_anon_kb(self.cluster)
+        self.memory.append((time.perf_counter(), kb))
+        self.peak_anon_kb = max(self.peak_anon_kb, kb)
+
+    def memory_by_tenth(self, t0: float, t1: float) -> list:
+        """The highest sample of the worker's private memory in each tenth of [t0, t1]."""
+        out = []
+        for k in range(10):
+            lo, hi = t0 + (t1 - t0) * k / 10, t0 + (t1 - t0) * (k + 1) / 10
+            out.append(max((kb for t, kb in self.memory if lo <= t <= hi), default=None))
+        return out
 
     def snap(self) -> dict:
         row = self.conn.execute(
@@ -300,7 +311,9 @@ def scale(conn, cluster, nginx, n: int) -> dict:
     a = counters.snap()
     enqueue_s = a["t"] - t_enqueue
     t0 = conn.execute("SELECT clock_timestamp()").fetchone()[0]
-    wait_drained(conn, counters, n, poll=0.25)
+    counters.sample_memory()
+    drained = wait_drained(conn, counters, n, poll=0.25)
+    counters.sample_memory()
     # when each tenth of the runs had finished, on the server's clock
     marks = conn.execute(
         "SELECT percentile_disc(ARRAY[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0]) WITHIN GROUP (ORDER BY finished_at) "
@@ -322,7 +335,52 @@ def scale(conn, cluster, nginx, n: int) -> dict:
             "sizes_mb_before_purge": sizes_before, "sizes_mb_after_purge_and_vacuum": sizes_after,
             "drain_s": round((marks[-1] - t0).total_seconds(), 2), "steps_per_s_by_tenth": per_tenth,
             "last_vs_first": round(per_tenth[-1] / per_tenth[0], 3) if per_tenth[0] else None,
-            "worker_peak_anon_kb": counters.peak_anon_kb, "worker_anon_kb_at_end": worker_anon_kb(cluster)}
+            "worker_peak_anon_kb": counters.peak_anon_kb, "worker_anon_kb_at_end": worker_anon_kb(cluster),
+            "worker_anon_kb_by_tenth_of_drain": counters.memory_by_tenth(a["t"], drained)}
+
+
+def wal_profile(conn, cluster, nginx, n: int) -> dict:
+    """Where the WAL of N runs x 3 steps goes (pg_walinspect): bytes per step by relation
+    (table, index, TOAST) and by record kind, with full-page images counted apart."""
+    reset(conn)
+    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    counters = Counters(conn, cluster)
+    start = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    conn.execute("SELECT dispatched.start_run('three', jsonb_build_object('i', g)) FROM generate_series(1, %s) g", (n,))
+    wait_drained(conn, counters, n, poll=0.2)
+    end = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    steps = 3 * n
+    # a record's first block reference names the relation it writes (relfilenode -> name)
+    rows = conn.execute(
+        """
+        WITH r AS (
+            SELECT resource_manager, record_type, record_length, fpi_length,
+                   substring(block_ref from 'rel \\d+/\\d+/(\\d+)')::oid AS node
+              FROM pg_get_wal_records_info(%s, %s))
+        SELECT coalesce(c.relname, CASE WHEN r.node IS NULL THEN '(no relation)' ELSE '(other)' END),
+               r.resource_manager || '/' || split_part(r.record_type, ' ', 1),
+               count(*), sum(r.record_length), sum(r.fpi_length)
+          FROM r LEFT JOIN pg_class c ON c.relfilenode = r.node AND r.node <> 0
+         GROUP BY 1, 2 ORDER BY 4 DESC
+        """, (start, end)).fetchall()
+    by_relation: Counter = Counter()
+    by_kind: Counter = Counter()
+    records: Counter = Counter()
+    fpi = 0
+    for rel, kind, count, length, fpi_len in rows:
+        rel = rel.replace("pg_toast_", "toast_") if rel else rel
+        by_relation[rel] += int(length)
+        by_kind[kind] += int(length)
+        records[rel] += int(count)
+        fpi += int(fpi_len)
+    total = sum(by_relation.values())
+    per = lambda c: {k: round(v / steps) for k, v in c.most_common(12)}  # noqa: E731
+    return {"scenario": f"wal_profile_{n}", "runs": n, "steps": steps,
+            "wal_bytes_per_step": round(total / steps), "fpi_bytes_per_step": round(fpi / steps),
+            "records_per_step": round(sum(records.values()) / steps, 2),
+            "bytes_per_step_by_relation": per(by_relation),
+            "records_per_step_by_relation": {k: round(v / steps, 2) for k, v in records.most_common(12)},
+            "bytes_per_step_by_record_kind": per(by_kind)}
 
 
 def table_sizes(conn) -> dict:
@@ -396,9 +454,10 @@ def load(conn, cluster, nginx, clients: int, seconds: int, keys: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", default="throughput,latency,slow,load,scale")
+    ap.add_argument("--scenarios", default="throughput,latency,slow,load,wal,scale")
     ap.add_argument("--n", default="500,20000")
     ap.add_argument("--scale-runs", type=int, default=100_000)
+    ap.add_argument("--wal-runs", type=int, default=2000)
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--slow-runs", type=int, default=5000)
     ap.add_argument("--load-clients", type=int, default=64)
@@ -442,6 +501,9 @@ def main() -> int:
                 print(json.dumps(results[-1]), flush=True)
             if "load" in wanted:
                 results.append(load(conn, cluster, nginx, args.load_clients, args.load_seconds, args.load_keys))
+                print(json.dumps(results[-1]), flush=True)
+            if "wal" in wanted:
+                results.append(wal_profile(conn, cluster, nginx, args.wal_runs))
                 print(json.dumps(results[-1]), flush=True)
             if "scale" in wanted:
                 results.append(scale(conn, cluster, nginx, args.scale_runs))
