@@ -67,11 +67,16 @@ SELECT r.workflow,
   FROM dispatched.events e
   JOIN dispatched.runs r ON r.id = e.run_id
   LEFT JOIN LATERAL (
-        SELECT e2.type, e2.at, e2.data
+        SELECT e2.type, e2.at,
+               CASE WHEN e2.answer_in_step
+                    THEN e2.data || coalesce((SELECT jsonb_build_object('status', s.response -> 'status')
+                                                FROM dispatched.steps s
+                                               WHERE s.run_id = e2.run_id AND s.step_id = e2.step), '{}')
+                    ELSE e2.data END AS data
           FROM dispatched.events e2
          WHERE e2.run_id = e.run_id AND e2.seq > e.seq AND e2.step = e.step
            AND (e2.type IN ('step.response', 'step.retry_scheduled', 'step.failed')
-                OR (e2.type = 'step.succeeded' AND e2.data ? 'status'))
+                OR (e2.type = 'step.succeeded' AND (e2.data ? 'status' OR e2.answer_in_step)))
            AND e2.data ->> 'attempt' = e.data ->> 'attempt'
            AND coalesce((e2.data ->> 'compensation')::boolean, false) = false
          ORDER BY e2.seq

@@ -237,7 +237,8 @@ BEGIN
 END;
 $$;
 
--- The run's event stream in order, numbered from 1.
+-- The run's event stream in order, numbered from 1. A step.succeeded event stored without
+-- its answer (answer_in_step) gets it back from the step's response.
 CREATE FUNCTION dispatched.events(run_id text)
 RETURNS TABLE (seq bigint, at timestamptz, type text, step text, data jsonb)
 LANGUAGE plpgsql
@@ -248,7 +249,12 @@ AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    SELECT row_number() OVER (ORDER BY e.seq), e.at, e.type, e.step, e.data
+    SELECT row_number() OVER (ORDER BY e.seq), e.at, e.type, e.step,
+           CASE WHEN e.answer_in_step
+                THEN e.data OPERATOR(pg_catalog.||) coalesce(
+                         (SELECT s.response FROM dispatched.steps s
+                           WHERE s.run_id = e.run_id AND s.step_id = e.step), '{}'::jsonb)
+                ELSE e.data END
       FROM dispatched.events e
      WHERE e.run_id = $1
        AND EXISTS (SELECT 1 FROM dispatched.runs x

@@ -13,7 +13,8 @@
 --   * `runs` and `steps` are updated in place at every transition; they carry no index on
 --     a column that changes and leave room on each page (fillfactor), so those updates are
 --     HOT.
---   * `events` is append-only, keyed by (run_id, seq).
+--   * `events` is append-only, keyed by (run_id, seq). A step's answer is stored once: in its
+--     step row, not again in its step.succeeded event (see answer_in_step).
 --   * Expired Layer 1 and Layer 2 rows are found by their expires_at index and deleted in
 --     small batches; reads ignore expired rows, so correctness never waits for a purge.
 
@@ -140,6 +141,9 @@ CREATE TABLE dispatched.events (
     type    text        NOT NULL,
     step    text,
     data    jsonb,
+    -- step.succeeded only: the answer (status, headers, body) is not copied into data; it is
+    -- the step's response in dispatched.steps, stored once, and dispatched.events() shows it
+    answer_in_step boolean NOT NULL DEFAULT false,
     PRIMARY KEY (run_id, seq)
 );
 

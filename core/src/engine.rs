@@ -324,6 +324,35 @@ pub struct Event {
     pub data: Value,
 }
 
+/// The parts of a step's answer that `step.succeeded` shows and the step's `response` keeps.
+const ANSWER_KEYS: [&str; 3] = ["status", "headers", "body"];
+
+impl Event {
+    /// Stores an answer once: when this is a `step.succeeded` event whose status, headers
+    /// and body are exactly the step's stored `response`, takes them out of the event's data
+    /// and returns true (the event is then stored with `answer_in_step`, and
+    /// `dispatched.events()` puts the step's response back). Anything else (another event, an
+    /// answer that differs, e.g. an encrypted body) is left as it is: false.
+    pub fn answer_in_step(&mut self, response: Option<&Value>) -> bool {
+        if self.kind != "step.succeeded" {
+            return false;
+        }
+        let (Some(Value::Object(resp)), Value::Object(data)) = (response, &mut self.data) else {
+            return false;
+        };
+        let same = resp.len() == ANSWER_KEYS.len()
+            && ANSWER_KEYS
+                .iter()
+                .all(|k| resp.get(*k).is_some() && data.get(*k) == resp.get(*k));
+        if same {
+            for k in ANSWER_KEYS {
+                data.remove(k);
+            }
+        }
+        same
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskChange {
     /// due at this time (epoch ms)
@@ -1364,6 +1393,48 @@ pub fn build_request(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_step_succeeded_event_leaves_an_answer_equal_to_the_steps_response_to_the_step() {
+        let response = json!({"status": 200, "headers": {"a": "b"}, "body": {"ok": true}});
+        let event = |kind: &'static str, data: Value| Event {
+            run_id: "run_x".into(),
+            kind,
+            step: Some("s".into()),
+            data,
+        };
+        let mut e = event(
+            "step.succeeded",
+            json!({"attempt": 2, "duration_ms": 1.5, "status": 200, "headers": {"a": "b"}, "body": {"ok": true}}),
+        );
+        assert!(e.answer_in_step(Some(&response)));
+        assert_eq!(e.data, json!({"attempt": 2, "duration_ms": 1.5}));
+        // an answer that differs from the response (an encrypted body), another event, a step
+        // without a response, an event without the answer: left whole
+        let encrypted = json!({"attempt": 1, "status": 200, "headers": {"a": "b"}, "body": {"$encrypted": "..."}});
+        for (kind, data, resp) in [
+            ("step.succeeded", encrypted, Some(&response)),
+            (
+                "step.response",
+                json!({"attempt": 1, "status": 200, "headers": {"a": "b"}, "body": {"ok": true}}),
+                Some(&response),
+            ),
+            (
+                "step.succeeded",
+                json!({"attempt": 1, "status": 200, "headers": {"a": "b"}, "body": {"ok": true}}),
+                None,
+            ),
+            (
+                "step.succeeded",
+                json!({"attempt": 1, "signal": {"x": 1}}),
+                Some(&response),
+            ),
+        ] {
+            let mut e = event(kind, data.clone());
+            assert!(!e.answer_in_step(resp), "{kind} {data}");
+            assert_eq!(e.data, data);
+        }
+    }
+
     use super::*;
     use crate::definition;
 

@@ -533,6 +533,7 @@ struct EventRow<'a> {
     kind: &'a str,
     step: &'a Option<String>,
     data: &'a Value,
+    answer_in_step: bool,
 }
 
 #[derive(Serialize)]
@@ -654,11 +655,21 @@ impl Batch {
         }
         for ev in fx.events.iter_mut() {
             encrypt(&mut ev.data);
+            // a step's answer is stored once, in its step row (unless encrypted here)
+            let response = ev
+                .step
+                .as_deref()
+                .and_then(|id| step_ids.iter().position(|s| *s == id))
+                .and_then(|i| run.steps.get(i))
+                .and_then(|s| s.as_ref())
+                .and_then(|s| s.response.as_ref());
+            let answer_in_step = ev.answer_in_step(response);
             self.events.push(&EventRow {
                 run_id: &ev.run_id,
                 kind: ev.kind,
                 step: &ev.step,
                 data: &ev.data,
+                answer_in_step,
             });
         }
         match fx.task {
@@ -811,10 +822,11 @@ impl Batch {
         }
         if !self.events.is_empty() {
             exec(
-                "INSERT INTO dispatched.events (run_id, type, step, data)
-                 SELECT x.run_id, x.type, x.step, x.data
-                   FROM ROWS FROM (json_to_recordset($1::json) AS (run_id text, type text, step text, data jsonb))
-                        WITH ORDINALITY AS x(run_id, type, step, data, n)
+                "INSERT INTO dispatched.events (run_id, type, step, data, answer_in_step)
+                 SELECT x.run_id, x.type, x.step, x.data, x.answer_in_step
+                   FROM ROWS FROM (json_to_recordset($1::json) AS (run_id text, type text, step text, data jsonb,
+                                   answer_in_step bool))
+                        WITH ORDINALITY AS x(run_id, type, step, data, answer_in_step, n)
                   ORDER BY x.n",
                 &[self.events.take().into()],
             )?;
