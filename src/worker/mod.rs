@@ -411,10 +411,16 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                     // (JIT, for the large batches' estimated cost) costs more than it saves.
                     // And the worker reads and writes only by key: a batch of 256 ids must
                     // never become a scan of the whole runs table, which the planner picks when
-                    // it prices 256 index probes above one sequential pass.
-                    if let Err(e) =
-                        tx(|| store::exec_once("SET jit = off; SET enable_seqscan = off"))
-                    {
+                    // it prices 256 index probes above one sequential pass; nor a hash or
+                    // merge join over a whole index, which a kept plan made while a table was
+                    // small (just created, truncated or purged) goes on doing as it grows: the
+                    // steps update did so, and halved the throughput of a second 20k batch.
+                    if let Err(e) = tx(|| {
+                        store::exec_once(
+                            "SET jit = off; SET enable_seqscan = off; \
+                             SET enable_hashjoin = off; SET enable_mergejoin = off",
+                        )
+                    }) {
                         warning!("dispatched worker {me}: {e}");
                     }
                     // At its start this worker holds nothing in flight: tasks leased under
