@@ -808,14 +808,15 @@ def test_one_host_gets_at_most_its_share_of_connections_and_the_rest_wait_in_ord
 
 
 def test_requests_waiting_for_their_host_longer_than_a_lease_are_still_sent_once(small_pool, dbname, http_service):
-    # two at a time to this host, each ~1.9 s: the last of 24 waits ~21 s in the worker, longer
-    # than the lease its claim took (2 s timeout + 15 s), so its lease must be renewed while it
-    # waits, or the run would be claimed again and its step sent twice
+    # two at a time to this host, each 1.5 s: the last of 30 waits ~21 s in the worker, longer
+    # than the lease its claim took (3 s timeout + 15 s), so its lease must be renewed while it
+    # waits, or the run would be claimed again and its step sent twice (the 1.5 s between the
+    # answer and the timeout leaves room for a loaded machine)
     with small_pool.connect(dbname) as conn:
-        http_service.script("/slowish", Reply(200, {"ok": True}, delay=1.9))
+        http_service.script("/slowish", Reply(200, {"ok": True}, delay=1.5))
         conn.execute("SELECT dispatched.define_workflow('slowish', %s)", (Jsonb({"steps": [
-            {"id": "s", "request": {"url": http_service.url("/slowish")}, "timeout": "2s"}]}),))
-        runs = [start(conn, "slowish") for _ in range(24)]
+            {"id": "s", "request": {"url": http_service.url("/slowish")}, "timeout": "3s"}]}),))
+        runs = [start(conn, "slowish") for _ in range(30)]
         for r in runs:
             assert attach(conn, r, "60s") == {"ok": True}
         keys = [req.headers.get("Idempotency-Key") for req in http_service.requests("/slowish")]
