@@ -303,6 +303,7 @@ def latency(conn, cluster, nginx, runs: int) -> dict:
 
 def scale(conn, cluster, nginx, n: int) -> dict:
     reset(conn)
+    nginx.clear_log()
     counters = Counters(conn, cluster)
     # enqueue the whole backlog in one transaction, so the drain starts from a full queue
     t_enqueue = time.perf_counter()
@@ -324,13 +325,16 @@ def scale(conn, cluster, nginx, n: int) -> dict:
     for t in marks:
         per_tenth.append(round(3 * tenth / max((t - prev).total_seconds(), 1e-6)))
         prev = t
+    not_completed = conn.execute("SELECT count(*) FROM dispatched.runs WHERE status <> 'completed'").fetchone()[0]
+    once = check_exactly_once(nginx, n, 3)
     sizes_before = table_sizes(conn)
     t_purge = time.perf_counter()
     purged = conn.execute("SELECT dispatched.purge('0 seconds')").fetchone()[0]
     purge_s = time.perf_counter() - t_purge
     conn.execute("VACUUM dispatched.runs, dispatched.steps, dispatched.events, dispatched.tasks")
     sizes_after = table_sizes(conn)
-    return {"scenario": f"scale_{n}", "runs": n, "enqueue_s": round(enqueue_s, 2),
+    return {"scenario": f"scale_{n}", "runs": n, "not_completed": not_completed, **once,
+            "enqueue_s": round(enqueue_s, 2),
             "purged_runs": purged, "purge_s": round(purge_s, 2),
             "sizes_mb_before_purge": sizes_before, "sizes_mb_after_purge_and_vacuum": sizes_after,
             "drain_s": round((marks[-1] - t0).total_seconds(), 2), "steps_per_s_by_tenth": per_tenth,
