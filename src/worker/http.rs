@@ -96,8 +96,6 @@ impl Resolver for CheckedResolver {
 
 /// Idle keep-alive connections each HTTP thread keeps (to different hosts).
 const IDLE_PER_THREAD: usize = 4;
-/// The largest response header (status line and headers) a step may get.
-const RESPONSE_HEADER_BYTES: usize = 64 * 1024;
 
 impl Pool {
     pub fn start(threads: usize, limits: Limits, wake_fd: RawFd) -> Pool {
@@ -111,11 +109,6 @@ impl Pool {
             .max_redirects(0)
             .max_idle_connections(IDLE_PER_THREAD)
             .max_idle_connections_per_host(1)
-            // each kept connection holds its buffers (128 KiB each way by default): the input
-            // buffer holds a whole response header, so it stays at ureq's header bound
-            .max_response_header_size(RESPONSE_HEADER_BYTES)
-            .input_buffer_size(RESPONSE_HEADER_BYTES)
-            .output_buffer_size(16 * 1024)
             .user_agent("dispatched/0.1")
             .build();
         let (jobs_tx, jobs_rx) = channel::<Job>();
