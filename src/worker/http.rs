@@ -94,23 +94,24 @@ impl Resolver for CheckedResolver {
     }
 }
 
-/// Idle keep-alive connections each HTTP thread keeps (to different hosts).
-const IDLE_PER_THREAD: usize = 4;
-
 impl Pool {
     pub fn start(threads: usize, limits: Limits, wake_fd: RawFd) -> Pool {
         let limits = Arc::new(RwLock::new(limits));
-        // One agent (connection pool) per thread: a thread performs one request at a time, so
-        // it keeps a few idle connections of its own (one per host) instead of searching one
-        // pool shared by every thread, under its lock, through hundreds of idle connections
-        // (that search was 3% of the worker's CPU at 512 threads).
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .max_idle_connections(IDLE_PER_THREAD)
-            .max_idle_connections_per_host(1)
+            // every thread may hold a connection to the same host: keep them all for reuse
+            .max_idle_connections(threads.max(1000))
+            .max_idle_connections_per_host(threads.max(16))
             .user_agent("dispatched/0.1")
             .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            DefaultConnector::default(),
+            CheckedResolver {
+                limits: limits.clone(),
+            },
+        );
         let (jobs_tx, jobs_rx) = channel::<Job>();
         let (done_tx, done_rx) = channel::<Done>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
@@ -118,13 +119,7 @@ impl Pool {
             for n in 0..threads {
                 let rx = jobs_rx.clone();
                 let tx = done_tx.clone();
-                let agent = ureq::Agent::with_parts(
-                    config.clone(),
-                    DefaultConnector::default(),
-                    CheckedResolver {
-                        limits: limits.clone(),
-                    },
-                );
+                let agent = agent.clone();
                 let limits = limits.clone();
                 let _ = std::thread::Builder::new()
                     .name(format!("dispatched-http-{n}"))
