@@ -450,6 +450,11 @@ def load(conn, cluster, nginx, clients: int, seconds: int, keys: int) -> dict:
         "SELECT count(*), count(DISTINCT idempotency_key), count(*) FILTER (WHERE status = 'completed') "
         "FROM dispatched.runs").fetchone()
     once = check_exactly_once(nginx, runs, 3)
+    # runs that did not complete, by status and error (none expected)
+    others = [f"{st}: {msg}" for st, msg in conn.execute(
+        "SELECT status, coalesce(error ->> 'message', '') FROM dispatched.runs WHERE status <> 'completed' "
+        "GROUP BY 1, 2 ORDER BY count(*) DESC LIMIT 5").fetchall()]
+    once["not_completed_why"] = others
     return {"scenario": f"load_{clients}_clients_{seconds}s", "start_run_calls": calls,
             "calls_per_s": round(calls / seconds), "failed_calls": failed, "pgbench_exit": proc.returncode,
             "runs": runs, "distinct_keys": distinct, "completed": done,
