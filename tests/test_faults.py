@@ -12,6 +12,7 @@ configuration reload (SIGHUP) while requests are on the wire."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import ssl
 import subprocess
@@ -258,6 +259,20 @@ def test_kill_9_of_the_worker_with_a_batch_in_flight_loses_nothing(crashable, db
     assert 0 < resent <= 64, resent  # the batch in flight at the kill, and only it, went again
 
 
+@contextlib.contextmanager
+def read_only_for_the_worker(conn):
+    """default_transaction_read_only on for every new transaction of the cluster (the worker's
+    too) but not for `conn`, which may still start runs; reset on the way out."""
+    conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        conn.execute("SET default_transaction_read_only = off")
+        yield
+    finally:
+        conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def test_a_read_only_database_makes_the_worker_back_off_and_resume(crashable, dbname, http_service):
     http_service.script("/ro", Reply(200, {"ok": True}))
     with crashable.connect(dbname) as conn:
@@ -265,11 +280,7 @@ def test_a_read_only_database_makes_the_worker_back_off_and_resume(crashable, db
             {"id": "a", "request": {"url": http_service.url("/ro")}},
             {"id": "b", "request": {"url": http_service.url("/ro")}}]}),))
         log_at = len(crashable.server_log())
-        conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-        conn.execute("SELECT pg_reload_conf()")
-        try:
-            # the session that starts the runs may still write; the worker's may not
-            conn.execute("SET default_transaction_read_only = off")
+        with read_only_for_the_worker(conn):
             ids = [r[0] for r in conn.execute(
                 "SELECT dispatched.start_run('ro', jsonb_build_object('i', g)) FROM generate_series(1, 20) g").fetchall()]
             # wait (on the log) until the worker has tried and failed twice: it backs off
@@ -286,16 +297,12 @@ def test_a_read_only_database_makes_the_worker_back_off_and_resume(crashable, db
             before = tries()
             time.sleep(3)
             assert tries() - before <= 5, f"{tries() - before} failed claims in 3 s"
-        finally:
-            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
-            conn.execute("SELECT pg_reload_conf()")
         for run_id in ids:
             assert attach(conn, run_id, "30s") == {"ok": True}
         assert conn.execute(
             "SELECT count(*) FROM dispatched.runs WHERE id = ANY(%s) AND status = 'completed'", (ids,)).fetchone()[0] == 20
     check_sent_at_most_twice(http_service.requests("/ro"), ids, ["a", "b"])
     assert len(http_service.requests("/ro")) == 40  # nothing was in flight: nothing sent twice
-
 
 
 def test_a_database_error_while_requests_are_on_the_wire_does_not_send_them_again(crashable, dbname, http_service):
@@ -307,24 +314,15 @@ def test_a_database_error_while_requests_are_on_the_wire_does_not_send_them_agai
         conn.execute("SELECT dispatched.define_workflow('on_the_wire', %s)", (Jsonb({"steps": [
             {"id": "a", "request": {"url": http_service.url("/wire")}}]}),))
         ids = [start(conn, "on_the_wire", {"i": i}) for i in range(10)]
-        deadline = time.monotonic() + 20
-        while len(http_service.requests("/wire")) < 10:
-            assert time.monotonic() < deadline, http_service.requests("/wire")
-            time.sleep(0.02)
+        http_service.wait_for("/wire", 10, timeout=20)
         log_at = len(crashable.server_log())
-        conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-        conn.execute("SELECT pg_reload_conf()")
-        try:
-            conn.execute("SET default_transaction_read_only = off")
+        with read_only_for_the_worker(conn):
             # a new run wakes the worker at commit; its claim fails: the database is read-only
             ids.append(start(conn, "on_the_wire", {"i": 10}))
             deadline = time.monotonic() + 20
             while "claiming due steps failed" not in crashable.server_log()[log_at:]:
                 assert time.monotonic() < deadline, crashable.server_log()[log_at:][-3000:]
                 time.sleep(0.05)
-        finally:
-            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
-            conn.execute("SELECT pg_reload_conf()")
         for run_id in ids:
             assert attach(conn, run_id, "30s") == {"ok": True}
     sent = collections.Counter(r.headers["Idempotency-Key"] for r in http_service.requests("/wire"))
@@ -349,10 +347,7 @@ def test_a_reload_while_requests_are_on_the_wire_applies_new_settings_without_a_
         workers = crashable.wait_for_workers(1)
         log_at = len(crashable.server_log())
         ids = [start(conn, "held_then_by_name", {"i": i}) for i in range(10)]
-        deadline = time.monotonic() + 20
-        while len(http_service.requests("/hold")) < 10:
-            assert time.monotonic() < deadline, http_service.requests("/hold")
-            time.sleep(0.02)
+        http_service.wait_for("/hold", 10, timeout=20)
         try:
             # the ten requests are held by the service for 1.5 s: reload (SIGHUP) meanwhile
             conn.execute("ALTER SYSTEM SET dispatched.allowed_hosts = '127.0.0.1'")

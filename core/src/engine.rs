@@ -1393,6 +1393,9 @@ pub fn build_request(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::definition;
+
     #[test]
     fn a_step_succeeded_event_leaves_an_answer_equal_to_the_steps_response_to_the_step() {
         let response = json!({"status": 200, "headers": {"a": "b"}, "body": {"ok": true}});
@@ -1434,9 +1437,6 @@ mod tests {
             assert_eq!(e.data, data);
         }
     }
-
-    use super::*;
-    use crate::definition;
 
     fn def(v: Value) -> Definition {
         definition::parse(&v).expect("valid definition")

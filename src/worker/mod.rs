@@ -378,7 +378,8 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
     // the extension exists in the database (checked again after any error)
     let mut ready = false;
     // the leases of this worker's previous life were taken back (once, at the start: after a
-    // later error the leases under its number are its own requests, still in flight)
+    // later error the leases under its number are its own requests, still in flight). Until
+    // its first claim it has nothing in flight, so a release that failed is tried again.
     let mut took_back = false;
     let mut failures: u32 = 0;
     let mut purger = purge::Purger::default();
@@ -428,7 +429,7 @@ pub extern "C-unwind" fn dispatched_worker_main(arg: pg_sys::Datum) {
                     // again at once, with the same attempt numbers. Never later: after an
                     // error its leases belong to requests it still has on the wire, and
                     // releasing them would send those requests a second time.
-                    if !took_back && inflight == 0 && pending.is_empty() && fair.queued() == 0 {
+                    if !took_back {
                         match tx(|| store::release_leases(me)) {
                             Ok(n) => {
                                 took_back = true;
